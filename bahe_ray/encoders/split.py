@@ -97,7 +97,9 @@ def pool_hidden(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
     return torch.where(mask.any(dim=1, keepdim=True), picked, 0.0)
 
 
-def token_ids(tokenizer: Any, texts: list[str], max_length: int, side: Literal["left", "right"] = "right") -> list[list[int]]:
+def token_ids(
+    tokenizer: Any, texts: list[str], max_length: int, side: Literal["left", "right"] = "right"
+) -> list[list[int]]:
     """Tokenise with the tokenizer's special tokens, truncating to `max_length` tokens.
 
     side="right" keeps the first tokens (atoms, items); side="left" keeps the most recent

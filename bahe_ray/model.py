@@ -1,0 +1,196 @@
+"""CTR models: BAHE, the token-level LLM-CTR baseline, and a plain ID-embedding baseline.
+
+Each maps a batch dict of tensors to logits (B,) and ends in the same `CTRHead`, an MLP over
+concat(F user-field vectors, item vector). B samples, F behaviour fields:
+
+  BaheCTR   hist (B, F, N, d) float     stored vectors of each field's last N behaviours, oldest
+                                        first; padding may sit on either side (positions are
+                                        counted over real behaviours, so alignment is free)
+            hist_mask (B, F, N) bool    True at real behaviours (a field may have none)
+            item (B, d) float           stored vector of the candidate item's text
+  TokenCTR  hist_input_ids (B, F, T) long, hist_attention_mask (B, F, T)   see tokenize_histories
+            item_input_ids (B, Ti) long, item_attention_mask (B, Ti)
+  IdCTR     hist_ids (B, F, N) int64 atom ids, hist_mask (B, F, N) bool, item_ids (B,) int64
+
+Per field, a masked mean over real positions; a field without behaviours gives a zero vector.
+ModelConfig.trainable applies to the transformer layers a model runs (BAHE: k..L-1 and the
+final norm; token baseline: all L and the final norm): "full" trains them, "lora" trains only
+LoRA adapters on their linear layers, "frozen" trains none. The head and field embedding
+always train. Input embeddings stay frozen (BAHE's stored vectors are frozen too); BERT's
+position rows in BaheCTR train in "full" mode only.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import Tensor, nn
+
+from bahe_ray.config import ModelConfig
+from bahe_ray.encoders.split import Backbone, pad_token_ids, pool_hidden, positions_from_mask, token_ids
+
+BEHAVIOR_SEPARATOR = "; "  # joins a field's behaviour texts for the token-level baseline
+
+
+class CTRHead(nn.Module):
+    """MLP over concat(user field vectors, item vector) -> one logit per sample."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, users: Tensor, item: Tensor) -> Tensor:
+        """users (B, F, d), item (B, d) -> logits (B,)."""
+        x = torch.cat([users.flatten(1), item], dim=1)
+        return self.mlp(x.to(self.mlp[0].weight.dtype)).squeeze(-1)
+
+
+def configure_trainable(backbone: Backbone, cfg: ModelConfig) -> None:
+    """Set requires_grad on the backbone per cfg.trainable; "lora" first injects LoRA (peft) into every linear layer."""
+    if cfg.trainable == "lora":
+        linear = [name for name, m in backbone.layers.named_modules() if isinstance(m, nn.Linear)]
+        targets = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets)
+        inject_adapter_in_model(lora, backbone.layers)
+    for name, param in backbone.named_parameters():
+        param.requires_grad = cfg.trainable == "full" or (cfg.trainable == "lora" and "lora_" in name)
+
+
+class _BackboneCTR(nn.Module):
+    """What BaheCTR and TokenCTR share: layers [start, L) + final norm, field embedding, head."""
+
+    def __init__(self, backbone: Backbone, start: int, n_fields: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        configure_trainable(backbone, cfg)
+        self.backbone = backbone
+        self.start = start
+        d = backbone.hidden_size
+        # Zero-initialised: the model starts as the pretrained path and learns field offsets.
+        self.field_embedding = nn.Parameter(torch.zeros(n_fields, d)) if cfg.field_embedding else None
+        self.head = CTRHead((n_fields + 1) * d, cfg.head_hidden, cfg.dropout)
+
+    def deep(self, hidden: Tensor, mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Layers [start, L) then the final norm over (S, T, d): exactly the full model's top."""
+        hidden = self.backbone.run_layers(hidden, mask, self.start, self.backbone.num_layers, position_ids)
+        return self.backbone.final_norm(hidden)
+
+    def field_rows(self, batch_size: int, dtype: torch.dtype) -> Tensor | None:
+        """The field embedding laid out for (B*F, T, d) sequences (row b*F + f gets field f): (B*F, 1, d)."""
+        if self.field_embedding is None:
+            return None
+        return self.field_embedding.to(dtype).repeat(batch_size, 1)[:, None, :]
+
+
+class BaheCTR(_BackboneCTR):
+    """BAHE: the upper layers k..L-1 aggregate stored behaviour vectors, one sequence per field.
+
+    All B*F field sequences run through the upper layers in one batched call (feature
+    parallel). Decoders get rotary positions over real behaviours; BERT gets its pretrained
+    position rows added. The item vector passes the same layers as a length-1 sequence.
+    The backbone's embeddings and layers below k are freed.
+    """
+
+    def __init__(self, backbone: Backbone, k: int, n_fields: int, cfg: ModelConfig) -> None:
+        if not 1 <= k < backbone.num_layers:
+            raise ValueError(f"k={k}: BAHE needs 1 <= k < {backbone.num_layers} (the model's layers)")
+        table = backbone.position_table()
+        backbone.keep_layers(k, backbone.num_layers)
+        super().__init__(backbone, k, n_fields, cfg)
+        self.positions = None if table is None else nn.Embedding.from_pretrained(table, freeze=cfg.trainable != "full")
+
+    def aggregate(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Sequences of behaviour vectors (S, N, d) -> one pooled vector each (S, d) float32."""
+        x = torch.where(mask[..., None], x, 0.0)  # padding content never matters, even NaN
+        positions = positions_from_mask(mask)
+        if self.positions is not None:
+            x = x + self.positions(positions).to(x.dtype)
+        return pool_hidden(self.deep(x, mask, positions), mask, "mean")
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        hist, mask = batch["hist"], batch["hist_mask"].bool()
+        b, f, n, d = hist.shape
+        dtype = self.backbone.dtype
+        x = hist.to(dtype).reshape(b * f, n, d)
+        fields = self.field_rows(b, dtype)
+        if fields is not None:
+            x = x + fields
+        users = self.aggregate(x, mask.reshape(b * f, n)).view(b, f, d)
+        item_mask = torch.ones(b, 1, dtype=torch.bool, device=hist.device)
+        item = self.aggregate(batch["item"].to(dtype)[:, None, :], item_mask)
+        return self.head(users, item)
+
+
+class TokenCTR(_BackboneCTR):
+    """Token-level LLM-CTR baseline: all L layers read each field's behaviour tokens.
+
+    Same sdpa kernel, dtype, batching (B*F sequences in one call), pooling, trainable set and
+    head as BaheCTR; the token embeddings stay frozen.
+    """
+
+    def __init__(self, backbone: Backbone, n_fields: int, cfg: ModelConfig) -> None:
+        super().__init__(backbone, 0, n_fields, cfg)
+        backbone.embeddings.requires_grad_(False)
+        self.max_length = min(cfg.token_max_length, backbone.max_positions)  # for tokenize_histories
+
+    def read(self, input_ids: Tensor, mask: Tensor, fields: Tensor | None = None) -> Tensor:
+        """Token sequences (S, T) -> embeddings (+ field rows) -> all layers -> masked mean (S, d) float32."""
+        positions = positions_from_mask(mask)
+        hidden = self.backbone.embed(input_ids, positions)
+        if fields is not None:
+            hidden = hidden + fields
+        return pool_hidden(self.deep(hidden, mask, positions), mask, "mean")
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        ids, mask = batch["hist_input_ids"], batch["hist_attention_mask"].bool()
+        b, f, t = ids.shape
+        fields = self.field_rows(b, self.backbone.dtype)
+        users = self.read(ids.reshape(b * f, t), mask.reshape(b * f, t), fields).view(b, f, -1)
+        item = self.read(batch["item_input_ids"], batch["item_attention_mask"].bool())
+        return self.head(users, item)
+
+
+def tokenize_histories(
+    tokenizer, histories: list[list[list[str]]], items: list[str], max_length: int
+) -> dict[str, Tensor]:
+    """TokenCTR's batch from texts.
+
+    histories[b][f] lists sample b's field-f behaviour texts oldest first; they are joined with
+    BEHAVIOR_SEPARATOR (most recent last) and, beyond max_length tokens, truncated from the
+    left so the most recent tokens stay (special tokens kept). A field without behaviours is
+    all padding. Items keep their first max_length tokens. Use TokenCTR.max_length.
+    """
+    n_fields = len(histories[0])
+    fields = [field for sample in histories for field in sample]
+    seqs = token_ids(tokenizer, [BEHAVIOR_SEPARATOR.join(field) for field in fields], max_length, side="left")
+    hist_ids, hist_mask = pad_token_ids([seq if field else [] for seq, field in zip(seqs, fields)])
+    item_ids, item_mask = pad_token_ids(token_ids(tokenizer, items, max_length))
+    return {
+        "hist_input_ids": hist_ids.view(len(histories), n_fields, -1),
+        "hist_attention_mask": hist_mask.view(len(histories), n_fields, -1),
+        "item_input_ids": item_ids,
+        "item_attention_mask": item_mask,
+    }
+
+
+class IdCTR(nn.Module):
+    """Plain ID-embedding baseline: hashed atom ids -> embeddings, masked mean per field, same head."""
+
+    def __init__(self, n_fields: int, cfg: ModelConfig, num_buckets: int = 1 << 18) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.embedding = nn.Embedding(num_buckets, cfg.id_embedding_dim)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.head = CTRHead((n_fields + 1) * cfg.id_embedding_dim, cfg.head_hidden, cfg.dropout)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        ids, mask = batch["hist_ids"], batch["hist_mask"].bool()
+        b, f, n = ids.shape
+        hist = self.embedding(ids.remainder(self.num_buckets)).view(b * f, n, -1)
+        users = pool_hidden(hist, mask.reshape(b * f, n), "mean").view(b, f, -1)
+        item = self.embedding(batch["item_ids"].remainder(self.num_buckets))
+        return self.head(users, item)

@@ -586,10 +586,13 @@ class EmbeddingStore:
 
     def _committed_texts(self, manifest: Manifest, query: np.ndarray) -> pa.Array:
         """Texts of committed `query` ids, aligned with it (every id must be committed)."""
+        if query.size == 0:
+            return pa.array([], pa.string())
         wanted = np.unique(query)
         touched = [p for p in manifest.parts if _isin_sorted(self._ids_of(p), wanted).any()]
-        tables = _parallel(lambda p: _read_columns(self._fs, self._root, p, ["atom_id", "text"]), touched)
-        table = pa.concat_tables(tables) if tables else pa.table({"atom_id": pa.array([], pa.int64()), "text": pa.array([], pa.string())})
+        table = pa.concat_tables(
+            _parallel(lambda p: _read_columns(self._fs, self._root, p, ["atom_id", "text"]), touched)
+        )
         ids = table.column("atom_id").to_numpy()
         order = np.argsort(ids)
         pos = order[np.searchsorted(ids, query, sorter=order)]
@@ -652,7 +655,7 @@ class EmbeddingStore:
         vectors = np.concatenate([base.vectors, *(_vectors(t, self.dim) for t in loaded)])
         order = np.argsort(ids)
         ids, vectors = ids[order], vectors[order]
-        if ids.size > 1 and (ids[1:] == ids[:-1]).any():
+        if (ids[1:] == ids[:-1]).any():
             raise StoreCorruptError(f"store {self.path} v{m.version}: some ids are stored in more than one part")
         self._table = _LookupTable(m.version, base.part_names | {p.name for p in new_parts}, ids, vectors)
         return self._table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 from bahe_ray.atoms import AtomCollisionError
 from bahe_ray.encoders.base import EncoderFingerprint
+from bahe_ray.fs import filesystem
 from bahe_ray.store import (
     EmbeddingStore,
     FingerprintMismatchError,
@@ -99,8 +101,6 @@ def test_layout_on_disk(store: EmbeddingStore, tmp_path: Path) -> None:
     assert [p.name for p in (root / "manifests").iterdir()] == ["v00000001.json"]
     (part,) = (root / "parts").iterdir()
     assert part.name.startswith("part-") and part.suffix == ".parquet"
-    import json
-
     manifest = json.loads((root / "manifests" / "v00000001.json").read_text())
     assert manifest["version"] == 1 and manifest["parent"] == 0 and manifest["total_atoms"] == 10
     assert manifest["fingerprint_id"] == FP.id
@@ -386,8 +386,6 @@ def test_part_writer_is_picklable_and_records_travel_as_dicts(store: EmbeddingSt
 
 
 def test_manifest_keys_are_never_overwritten(tmp_path: Path, s3_server) -> None:
-    from bahe_ray.fs import filesystem
-
     for base in (str(tmp_path), s3_server.new_bucket()):
         fs, root = filesystem(base, s3_server.storage)
         key = f"{root}/manifests/v00000001.json"
@@ -423,10 +421,7 @@ def test_s3_round_trip(s3_server) -> None:
 
     with pytest.raises(FingerprintMismatchError):
         EmbeddingStore.open(path, FP.model_copy(update={"max_tokens": 64}), DIM, storage=storage)
-    fs_part = path + "/parts/" + parts[0].name
-    from bahe_ray.fs import filesystem
-
-    fs, inner = filesystem(fs_part, storage)
+    fs, inner = filesystem(path + "/parts/" + parts[0].name, storage)
     fs.pipe_file(inner, fs.cat_file(inner)[:-10])
     with pytest.raises(StoreCorruptError, match=parts[0].name):
         EmbeddingStore.read(path, storage).lookup(np.arange(3))

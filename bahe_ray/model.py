@@ -89,6 +89,9 @@ class _BackboneCTR(nn.Module):
 class BaheCTR(_BackboneCTR):
     """BAHE: the upper layers k..L-1 aggregate stored behaviour vectors, one sequence per field.
 
+    The stored vectors are the shallow encoder's pooled outputs (for decoders pooled
+    final_norm(h_k), as vLLM returns them), one position per behaviour.
+
     All B*F field sequences run through the upper layers in one batched call (feature
     parallel). Decoders get rotary positions over real behaviours; BERT gets its pretrained
     position rows added. The item vector passes the same layers as a length-1 sequence.

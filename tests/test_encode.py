@@ -1,0 +1,205 @@
+"""The encode job end to end on real MovieLens rows and the real MiniLM: dedup, incremental
+runs, bad rows, fingerprint mismatch, a killed run finished by a rerun, S3, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bahe_ray.config import Config, EncoderConfig, load_config
+from bahe_ray.data import movielens
+from bahe_ray.encode import run_encode
+from bahe_ray.encoders import build_encoder
+from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+USERS = 6
+
+
+@pytest.fixture(scope="module")
+def ml_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A real MovieLens-100K subset (first users) as parquet input files."""
+    root = tmp_path_factory.mktemp("ml")
+    ratings = movielens.load_ratings(None, REPO / "outputs" / "cache")
+    events, impressions = movielens.to_tables(ratings, max_users=USERS)
+    for name, table in (("events", events), ("impressions", impressions)):
+        (root / name).mkdir()
+        pq.write_table(table, root / name / "part-0.parquet")
+    return {"events": str(root / "events"), "impressions": str(root / "impressions")}
+
+
+def make_config(tmp: Path, files: dict[str, str], **overrides: str) -> Config:
+    sets = [
+        "data.source=files",
+        f"data.events_path={files['events']}",
+        f"data.impressions_path={files['impressions']}",
+        f"store.path={tmp / 'store'}",
+        f"rejects_path={tmp / 'rejects'}",
+        "encoder.batch_size=128",
+        *[f"{k}={v}" for k, v in overrides.items()],
+    ]
+    return load_config(REPO / "configs" / "local.yaml", sets)
+
+
+def expected_unique(files: dict[str, str]) -> set[str]:
+    events = pq.read_table(files["events"])
+    impressions = pq.read_table(files["impressions"])
+    return set(events.column("text").to_pylist()) | set(impressions.column("item_text").to_pylist())
+
+
+def test_encode_dedups_and_stores_exact_vectors(ray_local: None, tmp_path: Path, ml_files: dict[str, str]) -> None:
+    cfg = make_config(tmp_path, ml_files)
+    summary = run_encode(cfg)
+    unique = expected_unique(ml_files)
+    n_rows = pq.read_table(ml_files["events"]).num_rows
+    assert summary.events_read == summary.events_valid == n_rows
+    assert summary.atoms_seen == 2 * n_rows
+    assert summary.unique_atoms == summary.new_atoms == summary.encoded == len(unique)
+    assert summary.dedup_ratio == pytest.approx(2 * n_rows / len(unique))
+    store = EmbeddingStore.read(cfg.store.path)
+    assert store.num_atoms == len(unique) and store.verify().ok
+    # Stored vectors are exactly what the shallow encoder gives for those texts.
+    ids = store.ids()[:20]
+    texts = store.texts(ids)
+    direct = build_encoder(cfg.encoder, device="cpu").encode(texts)
+    np.testing.assert_allclose(store.lookup(ids), direct, rtol=1e-5, atol=1e-5)
+
+    # A second run over the same logs encodes nothing and publishes no new version.
+    version = store.version
+    again = run_encode(cfg)
+    assert again.new_atoms == 0 and again.encoded == 0 and again.store_version == version
+
+    # 1% new behaviours: only those are encoded.
+    extra = pa.table({"user_id": ["u-new"] * 5, "ts": [1_000_000_000 + i for i in range(5)], "field": ["liked"] * 5,
+                      "text": [f"rated 5/5: A Brand New Film {i} (2031) | Drama" for i in range(5)]})
+    pq.write_table(extra, Path(ml_files["events"]) / "part-1.parquet")
+    try:
+        third = run_encode(cfg)
+    finally:
+        (Path(ml_files["events"]) / "part-1.parquet").unlink()
+    assert third.new_atoms == third.encoded == 5
+    assert EmbeddingStore.read(cfg.store.path).num_atoms == len(unique) + 5
+
+    # Another encoder (k=3) must not write into this store.
+    with pytest.raises(FingerprintMismatchError, match="k"):
+        run_encode(make_config(tmp_path, ml_files, **{"encoder.k": "3"}))
+
+
+def test_bad_rows_are_counted_and_set_aside(ray_local: None, tmp_path: Path) -> None:
+    lines = [json.dumps({"user_id": f"u{i}", "ts": 1_700_000_000 + i, "field": "liked", "text": f"good behaviour {i % 4}"})
+             for i in range(12)]
+    lines += ['{"user_id": "x", "ts": "soon", "field": "liked", "text": "t"}', "not json at all",
+              '{"user_id": "x", "ts": 5, "field": "liked", "text": ""}']
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(lines) + "\n")
+    cfg = make_config(tmp_path, {"events": str(events), "impressions": ""}, **{"data.format": "jsonl"})
+    cfg.data.impressions_path = None
+    summary = run_encode(cfg)
+    assert summary.events_read == 15 and summary.events_valid == 12
+    assert summary.unique_atoms == summary.encoded == 4
+    assert summary.rejects == {"events: row: not valid JSON": 1, "events: text: empty": 1,
+                               "events: ts: not a timestamp": 1}
+    files = list((tmp_path / "rejects" / summary.run_id).glob("*.parquet"))
+    assert sum(pq.read_table(f).num_rows for f in files) == 3
+
+
+def test_killed_run_is_finished_by_rerun(ray_local: None, tmp_path: Path, ml_files: dict[str, str]) -> None:
+    store_path = tmp_path / "store"
+    sets = [f"data.source=files", f"data.events_path={ml_files['events']}", f"data.impressions_path={ml_files['impressions']}",
+            f"store.path={store_path}", f"rejects_path={tmp_path / 'rejects'}", "encoder.batch_size=16",
+            "store.commit_every_parts=1", "ray.num_cpus=1"]
+    cmd = [sys.executable, "-m", "bahe_ray.cli", "encode", "--config", str(REPO / "configs" / "local.yaml")]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifests = store_path / "manifests"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(manifests.glob("v*.json"))) < 2:
+        assert proc.poll() is None, "the encode run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, mid-run
+    proc.wait()
+    partial = EmbeddingStore.read(str(store_path))
+    unique = expected_unique(ml_files)
+    assert 0 < partial.num_atoms < len(unique) and partial.verify().ok
+
+    cfg = make_config(tmp_path, ml_files)
+    summary = run_encode(cfg)
+    assert summary.new_atoms == len(unique) - partial.num_atoms
+    store = EmbeddingStore.read(str(store_path))
+    assert store.num_atoms == len(unique) and len(np.unique(store.ids())) == len(unique)
+    assert store.verify().ok
+    store.gc()
+    assert store.verify().ok and EmbeddingStore.read(str(store_path)).num_atoms == len(unique)
+
+
+def test_encode_reads_and_writes_s3(ray_local: None, s3_server, tmp_path: Path, ml_files: dict[str, str]) -> None:
+    import s3fs
+
+    bucket = s3_server.new_bucket()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    for name in ("events", "impressions"):
+        fs.put(ml_files[name] + "/part-0.parquet", f"{bucket[5:]}/logs/{name}/part-0.parquet")
+    files = {"events": f"{bucket}/logs/events", "impressions": f"{bucket}/logs/impressions"}
+    cfg = make_config(tmp_path, files, **{"store.path": f"{bucket}/store", "rejects_path": f"{bucket}/rejects",
+                                          "storage.endpoint_url": s3_server.endpoint})
+    summary = run_encode(cfg)
+    assert summary.encoded == len(expected_unique(ml_files))
+    store = EmbeddingStore.read(f"{bucket}/store", storage=cfg.storage)
+    assert store.num_atoms == summary.encoded and store.verify().ok
+
+
+def test_ray_job_submit_runs_the_encode_job(tmp_path: Path, ml_files: dict[str, str]) -> None:
+    """`ray start --head` on 127.0.0.1, then `ray job submit --working-dir .` of jobs/encode_behaviors.py."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    from conftest import free_port
+
+    gcs, dash = free_port(), free_port()
+    temp = Path("/tmp") / f"ray-job-{os.getpid()}"
+    start = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
+             "--include-dashboard=true", "--disable-usage-stats"]
+    # --block keeps this head in its own process group, so the test stops exactly this cluster
+    # (`ray stop` would stop every Ray instance of the user, the test session's own included).
+    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(dash, timeout=180)
+        summary_path = tmp_path / "summary.json"
+        submit = [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                  "--", "python", "jobs/encode_behaviors.py", "--config", "configs/local.yaml",
+                  "--set", "data.source=files", "--set", f"data.events_path={ml_files['events']}",
+                  "--set", f"data.impressions_path={ml_files['impressions']}", "--set", f"store.path={tmp_path / 'store'}",
+                  "--set", f"rejects_path={tmp_path / 'rejects'}", "--summary-json", str(summary_path)]
+        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout
+        summary = json.loads(summary_path.read_text())
+        assert summary["encoded"] == summary["unique_atoms"] == len(expected_unique(ml_files))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")

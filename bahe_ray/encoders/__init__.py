@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bahe_ray.config import MINILM, EncoderConfig
+from bahe_ray.config import MINILM, EncoderConfig, StorageConfig
 from bahe_ray.encoders.base import EncoderFingerprint, ShallowEncoder
 
 
@@ -86,16 +86,24 @@ def encoder_fingerprint(cfg: EncoderConfig, device: str) -> EncoderFingerprint:
     )
 
 
-def build_encoder(cfg: EncoderConfig, device: str | None = None) -> ShallowEncoder:
-    """The encoder `cfg.backend` asks for; "auto" takes vLLM when it is importable and a GPU is present."""
+def build_encoder(
+    cfg: EncoderConfig, device: str | None = None, storage: StorageConfig | None = None
+) -> ShallowEncoder:
+    """The encoder `cfg.backend` asks for; "auto" takes vLLM when it is importable and the device is a GPU.
+
+    `device` defaults to this process's best; a tensor-parallel Ray actor sees no GPU itself
+    (its vLLM workers hold them), so callers that know the target device pass it. `storage`
+    reaches an s3:// `cfg.cache_dir` (vLLM's truncated checkpoints).
+    """
+    device = device or default_device()
     backend = cfg.backend
     if backend == "auto":
         has_vllm = importlib.util.find_spec("vllm") is not None
-        backend = "vllm" if has_vllm and torch.cuda.is_available() else "transformers"
+        backend = "vllm" if has_vllm and device == "cuda" else "transformers"
     if backend == "vllm":
         from bahe_ray.encoders.vllm import VLLMEncoder
 
-        return VLLMEncoder(cfg, device=device)
+        return VLLMEncoder(cfg, device=device, storage=storage)
     from bahe_ray.encoders.hf import TransformersEncoder
 
     return TransformersEncoder(cfg, device=device)

@@ -1,0 +1,176 @@
+"""The vLLM backend of the shallow encoder: the same vectors as `hf.TransformersEncoder`, from a vLLM engine.
+
+vLLM cannot stop a model after k layers (`hf_overrides={"num_hidden_layers": k}` fails at
+weight loading), so the encoder loads a truncated checkpoint (first k layers, tokenizer,
+config) written once per fingerprint into `encoder.cache_dir` (a local folder or s3://). A
+pooling runner over it returns mean or last-token pooling of `final_norm(h_k)` (decoders) or
+of layer k (BERT): exactly what the transformers backend computes, provided the tokens are the
+same. So texts are tokenised here with `split.token_ids` and passed as token prompts (vLLM's
+own truncation may keep the other side), and pooling is unnormalised (`use_activation=False`).
+
+In Ray Data each encoder actor holds one engine, run inside the actor's process (vLLM's
+VLLM_ENABLE_V1_MULTIPROCESSING=0 unless the environment says otherwise): the engine then dies
+with its actor, which Ray restarts and whose batches it retries, whereas an engine subprocess
+that dies mid-call leaves `LLM.embed` waiting forever (vLLM 0.32); it also starts ~4x faster on
+CPU. With tensor_parallel_size > 1 the actor runs inside a placement group of that many GPU
+bundles on one node (`TensorParallelPlacement`) and vLLM's Ray executor puts its workers there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import AutoConfig, AutoTokenizer
+
+from bahe_ray.config import EncoderConfig, StorageConfig
+from bahe_ray.encoders import default_device, encoder_fingerprint, resolve_model_path
+from bahe_ray.encoders.base import EncoderFingerprint
+from bahe_ray.encoders.split import token_ids, write_truncated_checkpoint
+from bahe_ray.fs import filesystem, is_remote, join
+
+COMPLETE = "_COMPLETE.json"  # written last into a remote cache folder: the files it lists are whole
+KV_CACHE_SEQS = 1024  # sequences of max_model_len the KV cache holds (vLLM's largest default max_num_seqs)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def truncated_checkpoint(
+    cfg: EncoderConfig,
+    fingerprint: EncoderFingerprint,
+    storage: StorageConfig | None = None,
+    local_root: Path | None = None,
+) -> Path:
+    """A local folder holding the first `cfg.k` layers of `cfg.model`, made once per fingerprint.
+
+    A local `cfg.cache_dir` holds it at `<cache_dir>/<fingerprint id>` (appears atomically, so
+    racing actors are safe). For s3:// the folder is built locally, uploaded file by file, then
+    marked complete by COMPLETE (racing writers upload identical bytes); users download a
+    complete folder into `local_root` (default: the system temp folder) by rename.
+    """
+    source = resolve_model_path(cfg.model)
+    if not is_remote(cfg.cache_dir):
+        return write_truncated_checkpoint(source, cfg.k, Path(cfg.cache_dir) / fingerprint.id)
+    local = (local_root or Path(tempfile.gettempdir()) / "bahe-encoders") / fingerprint.id
+    if local.exists():
+        return local
+    fs, remote = filesystem(join(cfg.cache_dir, fingerprint.id), storage)
+    marker = f"{remote}/{COMPLETE}"
+    if not fs.exists(marker):
+        write_truncated_checkpoint(source, cfg.k, local)
+        names = sorted(p.name for p in local.iterdir())
+        for name in names:
+            fs.put_file(str(local / name), f"{remote}/{name}")
+        fs.pipe_file(marker, json.dumps({"fingerprint": fingerprint.model_dump(), "files": names}).encode())
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}-", dir=local.parent))
+    try:
+        for name in json.loads(fs.cat_file(marker))["files"]:
+            fs.get_file(f"{remote}/{name}", str(tmp / name))
+        os.replace(tmp, local)
+    except OSError:
+        if not local.exists():  # else a concurrent reader won the rename with the same files
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def kv_cache_bytes(config: Any, dtype: str, max_model_len: int) -> int:
+    """KV cache for KV_CACHE_SEQS full-length prompts of the truncated model.
+
+    Set explicitly because vLLM's default reserves a fraction of the whole device (on CPU:
+    90% of RAM), where a k-layer encoder of short atoms needs a few hundred MB at most.
+    """
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * _DTYPE_BYTES[dtype]
+    return max(per_token * max_model_len * KV_CACHE_SEQS, 64 << 20)
+
+
+class VLLMEncoder:
+    """ShallowEncoder on a vLLM pooling engine (vLLM's build decides the device: CUDA or CPU).
+
+    The engine runs in this process, which on CPU pins the process's torch threads: build it
+    in a process of its own (a Ray actor, a benchmark run).
+    """
+
+    def __init__(self, cfg: EncoderConfig, device: str | None = None, storage: StorageConfig | None = None) -> None:
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+        from vllm.platforms import current_platform
+
+        self.device = device or default_device()
+        engine_device = "cuda" if current_platform.is_cuda_alike() else current_platform.device_type
+        if engine_device != self.device:
+            raise RuntimeError(f"encoder device {self.device!r}, but the installed vLLM build runs on {engine_device!r}")
+        self.fingerprint = encoder_fingerprint(cfg, self.device)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        path = truncated_checkpoint(cfg, self.fingerprint, storage)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        self.cfg = cfg
+        self.dim: int = config.hidden_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        max_model_len = min(cfg.max_tokens + 2, config.max_position_embeddings)
+        self.llm = LLM(
+            model=str(path),
+            runner="pooling",
+            dtype=self.fingerprint.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            distributed_executor_backend="ray" if cfg.tensor_parallel_size > 1 else None,
+            enforce_eager=self.device == "cpu",  # torch.compile on CPU costs minutes of start-up
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_bytes(config, self.fingerprint.dtype, max_model_len),
+            pooler_config=PoolerConfig(pooling_type=cfg.pooling.upper(), use_activation=False),
+            trust_remote_code=cfg.trust_remote_code,
+            disable_log_stats=True,
+        )
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Pooled layer-k vectors, (n, dim) float32, in input order; all texts go to the engine in one call."""
+        from vllm.inputs import TokensPrompt
+
+        ids = token_ids(self.tokenizer, list(texts), self.cfg.max_tokens) if texts else []
+        empty = [i for i, seq in enumerate(ids) if not seq]
+        if empty:
+            raise ValueError(f"texts at {empty[:5]} have no tokens")
+        outputs = self.llm.embed([TokensPrompt(prompt_token_ids=seq) for seq in ids], use_tqdm=False)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        for row, output in enumerate(outputs):
+            out[row] = output.outputs.embedding
+        return out
+
+
+class TensorParallelPlacement:
+    """Ray Data `ray_remote_args_fn` for tensor-parallel encoder actors: one placement group each.
+
+    Each call (one per actor Ray Data starts) reserves `tp` GPU bundles packed on one node,
+    the first also holding the actor's CPUs, and schedules the actor into it with child-task
+    capture, so vLLM's Ray executor (which takes the current placement group) places its
+    workers there. The actor itself asks for no GPU: its workers hold them. Groups outlive
+    their actors (Ray restarts a dead actor inside its group); `remove()` frees them all.
+    """
+
+    def __init__(self, tensor_parallel_size: int, num_cpus: float) -> None:
+        self.bundles = [{"GPU": 1.0, "CPU": num_cpus}] + [{"GPU": 1.0}] * (tensor_parallel_size - 1)
+        self.groups: list[Any] = []
+
+    def __call__(self) -> dict[str, Any]:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group(self.bundles, strategy="STRICT_PACK")
+        self.groups.append(group)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups.clear()

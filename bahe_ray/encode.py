@@ -30,15 +30,18 @@ from ray.data.aggregate import Max, Min, Sum
 from transformers import AutoConfig
 
 from bahe_ray.atoms import unique_atoms
-from bahe_ray.config import Config, EncoderConfig
+from bahe_ray.config import Config, EncoderConfig, StorageConfig
 from bahe_ray.data import movielens, synthetic
 from bahe_ray.data.readers import read_rejects, read_table, reject_counts, write_parquet_table
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS, TableKind
 from bahe_ray.encoders import build_encoder, encoder_fingerprint, resolve_model_path
+from bahe_ray.encoders.vllm import TensorParallelPlacement
 from bahe_ray.fs import join
 from bahe_ray.store import EmbeddingStore, PartWriter
 
 log = logging.getLogger(__name__)
+
+MAX_BATCH_RETRIES = 3  # times one encode batch is retried after its actor died
 
 
 @dataclass
@@ -148,10 +151,13 @@ class MissingFilter:
 
 
 class EncodeAndWrite:
-    """Actor: encode a batch of atom texts and write them as one (uncommitted) store part."""
+    """Actor: encode a batch of atom texts and write them as one (uncommitted) store part.
 
-    def __init__(self, encoder_cfg: EncoderConfig, writer: PartWriter) -> None:
-        self.encoder = build_encoder(encoder_cfg)
+    Built on `actor_device`, the device the driver's fingerprint names, whatever this actor sees.
+    """
+
+    def __init__(self, encoder_cfg: EncoderConfig, writer: PartWriter, storage: StorageConfig) -> None:
+        self.encoder = build_encoder(encoder_cfg, device=actor_device(encoder_cfg), storage=storage)
         self.writer = writer
 
     def __call__(self, batch: pa.Table) -> dict[str, list[Any]]:
@@ -163,7 +169,8 @@ class EncodeAndWrite:
 
 
 def actor_device(cfg: EncoderConfig) -> str:
-    return "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+    """Where the encoder actors compute: a GPU when they get one, or lead tensor-parallel vLLM workers."""
+    return "cuda" if cfg.num_gpus_per_actor > 0 or cfg.tensor_parallel_size > 1 else "cpu"
 
 
 def run_encode(cfg: Config) -> EncodeSummary:
@@ -211,24 +218,39 @@ def run_encode(cfg: Config) -> EncodeSummary:
 
 
 def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStore) -> int:
-    """Encode `atoms` (atom_id, text) with the actor pool; commit parts as they arrive."""
+    """Encode `atoms` (atom_id, text) with the actor pool; commit parts as they arrive.
+
+    An actor that dies (killed, OOM, node lost) is restarted and its in-flight batches are
+    retried on it (up to MAX_BATCH_RETRIES times each, so a batch that kills every actor it
+    meets fails the job instead of looping); a retried batch writes a new part and the commit
+    drops ids already stored, so each atom is stored once. Tensor-parallel actors each run in
+    a placement group of their GPUs, removed when the job ends.
+    """
     enc = cfg.encoder
+    placement = TensorParallelPlacement(enc.tensor_parallel_size, enc.num_cpus_per_actor) if enc.tensor_parallel_size > 1 else None
+    gpus: dict[str, Any] = {"num_gpus": 0, "ray_remote_args_fn": placement} if placement else {"num_gpus": enc.num_gpus_per_actor}
     parts = atoms.map_batches(
         EncodeAndWrite,
-        fn_constructor_kwargs={"encoder_cfg": enc, "writer": store.part_writer()},
+        fn_constructor_kwargs={"encoder_cfg": enc, "writer": store.part_writer(), "storage": cfg.storage},
         compute=ActorPoolStrategy(size=enc.num_actors),
         batch_size=enc.batch_size,
         batch_format="pyarrow",
-        num_gpus=enc.num_gpus_per_actor,
         num_cpus=enc.num_cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=MAX_BATCH_RETRIES,
+        **gpus,
     )
     pending: list[Any] = []
     encoded = 0
-    for row in parts.iter_rows():
-        pending.append(json.loads(row["part"]))
-        if len(pending) >= cfg.store.commit_every_parts:
+    try:
+        for row in parts.iter_rows():
+            pending.append(json.loads(row["part"]))
+            if len(pending) >= cfg.store.commit_every_parts:
+                encoded += store.commit(pending).added
+                pending = []
+        if pending:
             encoded += store.commit(pending).added
-            pending = []
-    if pending:
-        encoded += store.commit(pending).added
+    finally:
+        if placement:
+            placement.remove()
     return encoded

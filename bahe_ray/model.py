@@ -157,20 +157,57 @@ class TokenCTR(_BackboneCTR):
         return self.head(users, item)
 
 
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special tokens the tokenizer puts around one text ([CLS] .. [SEP], <s> .., none)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError("the tokenizer's special tokens do not wrap the text's own tokens")
+
+
+def join_behaviour_tokens(
+    behaviours: list[list[int]], separator: list[int], specials: tuple[list[int], list[int]], max_length: int
+) -> list[int]:
+    """One field's token sequence from its behaviours' own tokens (oldest first, no special tokens).
+
+    They are joined by the separator's tokens; beyond max_length the oldest tokens are cut so
+    the most recent stay, then the special tokens wrap the rest. No behaviours: [] (all padding).
+    """
+    if not behaviours:
+        return []
+    prefix, suffix = specials
+    body = list(behaviours[0])
+    for tokens in behaviours[1:]:
+        body += separator
+        body += tokens
+    keep = max(max_length - len(prefix) - len(suffix), 0)
+    return prefix + body[len(body) - min(keep, len(body)) :] + suffix
+
+
 def tokenize_histories(
     tokenizer, histories: list[list[list[str]]], items: list[str], max_length: int
 ) -> dict[str, Tensor]:
     """TokenCTR's batch from texts.
 
-    histories[b][f] lists sample b's field-f behaviour texts oldest first; they are joined with
-    BEHAVIOR_SEPARATOR (most recent last) and, beyond max_length tokens, truncated from the
-    left so the most recent tokens stay (special tokens kept). A field without behaviours is
-    all padding. Items keep their first max_length tokens. Use TokenCTR.max_length.
+    histories[b][f] lists sample b's field-f behaviour texts oldest first. Each behaviour is
+    tokenised on its own (so it has the same tokens wherever it occurs, and a token cache per
+    atom gives identical batches: `bahe_ray.features.token_batch`), then `join_behaviour_tokens`
+    joins them with BEHAVIOR_SEPARATOR's tokens, keeps the most recent tokens within max_length
+    and adds the special tokens. Items keep their first max_length tokens. Use TokenCTR.max_length.
     """
     n_fields = len(histories[0])
-    fields = [field for sample in histories for field in sample]
-    seqs = token_ids(tokenizer, [BEHAVIOR_SEPARATOR.join(field) for field in fields], max_length, side="left")
-    hist_ids, hist_mask = pad_token_ids([seq if field else [] for seq, field in zip(seqs, fields)])
+    texts = sorted({text for sample in histories for field in sample for text in field})
+    own = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+    separator = tokenizer(BEHAVIOR_SEPARATOR, add_special_tokens=False)["input_ids"]
+    specials = special_tokens(tokenizer)
+    seqs = [
+        join_behaviour_tokens([own[text] for text in field], separator, specials, max_length)
+        for sample in histories
+        for field in sample
+    ]
+    hist_ids, hist_mask = pad_token_ids(seqs)
     item_ids, item_mask = pad_token_ids(token_ids(tokenizer, items, max_length))
     return {
         "hist_input_ids": hist_ids.view(len(histories), n_fields, -1),

@@ -13,6 +13,9 @@ timestamps. Behaviours from earlier splits feed later splits' histories, as in p
 The table is written as parquet under `<samples.path>/table/split=<split>/` plus `samples.json` (fields,
 N, cut-offs, counts). Built with Ray Data: events and impressions are unioned, hash-grouped by
 user and each user's rows are turned into samples by `user_samples`, a plain function.
+
+Reading needs no Ray: `read_split_table` and `pad_histories` run where Ray is absent (the GPU
+machine's single-process training), so Ray and datasketches are imported only where used.
 """
 
 from __future__ import annotations
@@ -20,18 +23,20 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray.data
-from datasketches import kll_doubles_sketch
 
 from bahe_ray.config import Config, SamplesConfig, StorageConfig
 from bahe_ray.fs import arrow_filesystem, filesystem, join, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +148,8 @@ def _as_rows(kind: str):
 
 def split_cuts(impressions: ray.data.Dataset, cfg: SamplesConfig) -> SplitCuts:
     """Time cut-offs from quantiles of impression timestamps."""
+    from datasketches import kll_doubles_sketch
+
     q_val = 1.0 - cfg.val_fraction - cfg.test_fraction
     q_test = 1.0 - cfg.test_fraction
     sketch = kll_doubles_sketch(400)  # ~0.3% rank error; streams timestamps, holds none of them
@@ -169,6 +176,8 @@ class SamplesSummary:
 
 def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: Config) -> SamplesSummary:
     """Build and write the sample table for validated `events` and `impressions` datasets."""
+    import ray
+
     scfg = cfg.samples
     cuts = split_cuts(impressions, scfg)
     rows = events.map_batches(_as_rows("events"), batch_format="pyarrow").union(
@@ -194,6 +203,21 @@ def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: 
     return summary
 
 
+def build_configured_samples(cfg: Config) -> SamplesSummary:
+    """Build the sample table from the configured inputs: the same tables `bahe encode` reads."""
+    from bahe_ray.data.readers import read_table
+    from bahe_ray.data.schema import EVENTS, IMPRESSIONS
+    from bahe_ray.encode import prepare_inputs
+
+    events_path, impressions_path, fmt = prepare_inputs(cfg)
+    if not impressions_path:
+        raise ValueError("samples need impressions: set data.impressions_path")
+    rejects = join(cfg.rejects_path, "samples-" + datetime.now().strftime("%Y%m%dT%H%M%S"))
+    events = read_table(events_path, EVENTS, fmt, cfg.storage, rejects, cfg.data.max_text_chars)
+    impressions = read_table(impressions_path, IMPRESSIONS, fmt, cfg.storage, rejects, cfg.data.max_text_chars)
+    return build_samples(events, impressions, cfg)
+
+
 def clear_folder(path: str, storage: StorageConfig) -> None:
     """Remove a previous sample table so a rebuild never mixes old and new files."""
     fs, inner = filesystem(path, storage)
@@ -208,16 +232,26 @@ def read_summary(path: str, storage: StorageConfig) -> SamplesSummary:
 
 def read_split(path: str, split: str, storage: StorageConfig) -> ray.data.Dataset:
     """One split of a written sample table as a Dataset."""
+    import ray.data
+
     fs, inner = arrow_filesystem(join(path, "table", f"split={split}"), storage)
     return ray.data.read_parquet(inner, filesystem=fs)
 
 
-def split_labels(path: str, split: str, storage: StorageConfig) -> np.ndarray:
-    """The label column of one written split, read directly with pyarrow (no Ray job)."""
+def read_split_table(path: str, split: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+    """One written split (or some of its columns) as one in-memory table, read with pyarrow (no Ray)."""
     fs, inner = arrow_filesystem(join(path, "table", f"split={split}"), storage)
-    if not fs.get_file_info(inner).type == pafs.FileType.Directory:
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no {split!r} split in the sample table at {path} (run `bahe samples`)")
+    return pq.read_table(inner, filesystem=fs, columns=columns)
+
+
+def split_labels(path: str, split: str, storage: StorageConfig) -> np.ndarray:
+    """The label column of one written split (empty if the split has no rows)."""
+    try:
+        return read_split_table(path, split, storage, ["label"]).column("label").to_numpy()
+    except FileNotFoundError:
         return np.zeros(0, dtype=np.int8)
-    return pq.read_table(inner, filesystem=fs, columns=["label"]).column("label").to_numpy()
 
 
 def pad_histories(lists: pa.ListArray | pa.ChunkedArray, max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -111,6 +111,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     token_max_length: int = Field(512, ge=8)  # token-level baseline: keep the most recent tokens
     id_embedding_dim: int = Field(64, ge=1)  # the plain ID-embedding baseline
+    id_buckets: int = Field(1 << 18, ge=1)  # IdCTR: atom ids are hashed into this many rows
 
 
 class TrainConfig(_Section):
@@ -127,12 +128,14 @@ class TrainConfig(_Section):
     head_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     max_epochs: int = Field(3, ge=1)
-    patience: int = Field(1, ge=0)  # epochs without validation-AUC gain before stopping
+    patience: int = Field(1, ge=0)  # stop after this many epochs without validation-AUC gain; 0: never
     max_failures: int = Field(2, ge=0)
     seed: int = 0
-    max_train_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1)  # cap on training samples per epoch (quick runs)
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0: no clipping
+    shuffle_buffer: int = Field(10_000, ge=1)  # Ray Data local shuffle buffer (rows) of the train shard
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    resume_from: str | None = None  # warm start from a checkpoint folder
+    resume_from: str | None = None  # warm start: initial weights from a checkpoint folder (daily update)
 
 
 class ServeConfig(_Section):
@@ -197,12 +200,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: a profile must be a YAML mapping")
-    for item in overrides or []:
+    _apply_overrides(tree, overrides or [])
+    return Config.model_validate(tree)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A validated copy of `cfg` with `a.b=value` overrides applied."""
+    tree = cfg.model_dump(mode="json")
+    _apply_overrides(tree, overrides)
+    return Config.model_validate(tree)
+
+
+def _apply_overrides(tree: dict[str, Any], overrides: list[str]) -> None:
+    for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return Config.model_validate(tree)
 
 
 def dump_config(cfg: Config) -> str:

@@ -123,7 +123,7 @@ class VLLMEncoder:
             dtype=self.fingerprint.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
             distributed_executor_backend="ray" if cfg.tensor_parallel_size > 1 else None,
-            enforce_eager=self.device == "cpu",  # torch.compile on CPU costs minutes of start-up
+            enforce_eager=self.device == "cpu",  # torch.compile adds ~30 s to a CPU engine start
             max_model_len=max_model_len,
             kv_cache_memory_bytes=kv_cache_bytes(config, self.fingerprint.dtype, max_model_len),
             pooler_config=PoolerConfig(pooling_type=cfg.pooling.upper(), use_activation=False),

@@ -82,6 +82,12 @@ def cmd_store(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.bench import main as bench_main
+
+    return bench_main(cfg, args.bench_args)
+
+
 def cmd_show_config(cfg: Config, args: argparse.Namespace) -> int:
     print(dump_config(cfg))
     return 0
@@ -106,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("store", cmd_store, "inspect or check an embedding store")
     p.add_argument("action", choices=["info", "verify", "gc"])
     p.add_argument("path", nargs="?", default=None, help="store path (default: store.path of the config)")
+    p = command("bench", cmd_bench, "benchmarks: BAHE vs token-level training, the shallow encoder, the encode job")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="{train,encode,pipeline} ...",
+                   help="what to run and its options (bahe bench train -h); --config/--set go before it")
     command("config", cmd_show_config, "print the resolved configuration")
     return parser
 

@@ -1,0 +1,119 @@
+"""Benchmarks on tiny shapes (CPU): well-formed results, the batch search, the FLOP count, the plots.
+
+Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+from bahe_ray import bench
+from bahe_ray.cli import main as cli_main
+
+TINY = Qwen2Config(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, vocab_size=300, max_position_embeddings=512,
+)
+
+
+def test_search_doubles_then_bisects_to_the_largest_fitting_batch() -> None:
+    budget = 100
+    tried: list[int] = []
+
+    def measure(batch: int) -> dict:
+        tried.append(batch)
+        return {"batch": batch, "fits": 3 * batch + 10 <= budget, "samples_per_s": float(batch)}
+
+    trials = bench.search_batch(measure, start=1, max_batch=1024, resolution=64)
+    assert tried[:6] == [1, 2, 4, 8, 16, 32]  # doubling until the first misfit
+    assert bench.best_trial(trials)["batch"] == 30  # (100 - 10) // 3
+    assert len(set(tried)) == len(tried)
+
+
+def test_search_stops_at_the_cap_and_reports_nothing_when_nothing_fits() -> None:
+    fits_all = bench.search_batch(lambda b: {"batch": b, "fits": True, "samples_per_s": b}, 1, 8)
+    assert [t["batch"] for t in fits_all] == [1, 2, 4, 8]
+    none = bench.search_batch(lambda b: {"batch": b, "fits": False}, 1, 8)
+    assert len(none) == 1 and bench.best_trial(none) is None
+
+
+def test_measure_turns_out_of_memory_into_a_misfit(tmp_path: Path) -> None:
+    store = bench.random_store(tmp_path / "store", TINY.hidden_size, 200)
+    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", store, "host")
+    real_step = side.step
+
+    def step(inputs: dict[str, torch.Tensor]) -> None:
+        if inputs["labels"].shape[0] > 4:  # a fake memory budget: larger batches "run out"
+            raise torch.cuda.OutOfMemoryError("simulated")
+        real_step(inputs)
+
+    side.step = step  # type: ignore[method-assign]
+    oom = side.measure(8, 3, warmup=0, steps=1)
+    assert oom["oom"] and not oom["fits"]
+    trials = bench.search_batch(lambda b: side.measure(b, 3, warmup=0, steps=1), 1, 64, resolution=8)
+    assert bench.best_trial(trials)["batch"] == 4
+    assert all(p.grad is None for p in side.model.parameters())  # nothing left over from the failed step
+
+
+def test_flop_count_matches_a_hand_count() -> None:
+    backbone = bench.load_backbone(TINY, torch.float32, "cpu")
+    # per layer: q 64x64+64, k and v 64x32+32 each, o 64x64, gate/up/down 3x64x128, two norms of 64
+    per_layer = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert bench.layer_parameters(backbone) == 2 * per_layer
+    assert bench.attention_width(TINY) == 64
+    tokens, sequences = 8, 3
+    by_hand = sequences * (2 * 2 * per_layer * tokens + 2 * 4 * tokens**2 * 64)
+    assert bench.forward_flops(2 * per_layer, 2, 64, tokens, sequences) == by_hand
+
+
+def test_bench_train_writes_json_and_png(tmp_path: Path) -> None:
+    result = bench.bench_train(
+        TINY, k=1, tokens=4, ns=[3, 5], equal_batch=2, best_ns=[3], max_batch=4, warmup=0, steps=1,
+        atoms=200, device="cpu",
+    )
+    path = bench.write_result(result, tmp_path, "train", bench.plot_train)
+    loaded = json.loads(path.read_text())
+    assert (tmp_path / "train.png").stat().st_size > 0
+    assert {"env", "model", "k", "tokens_per_behavior", "fields", "dtype", "lookup", "sides", "equal_batch",
+            "best_batch"} <= loaded.keys()
+    assert [r["n"] for r in loaded["equal_batch"]["rows"]] == [3, 5]
+    row = loaded["equal_batch"]["rows"][0]
+    assert {"bahe_ms", "token_ms", "speedup", "bahe_gb", "token_gb", "memory_ratio"} <= row.keys()
+    for side in ("bahe", "token"):  # no budget on CPU: doubling up to the cap, best by samples/s
+        search = loaded["sides"][side]["best"][0]
+        assert [t["batch"] for t in search["trials"]] == [1, 2, 4]
+        assert search["best"]["samples_per_s"] == max(t["samples_per_s"] for t in search["trials"])
+    token = loaded["sides"]["token"]["equal"][1]
+    assert token["tokens"] == 5 * 4 and token["step_ms"] > 0 and token["samples_per_s"] > 0
+    assert loaded["sides"]["bahe"]["equal"][1]["tokens"] == 5
+
+
+def test_bench_encode_model_counts_flops_per_atom() -> None:
+    result = bench.bench_encode_model(TINY, k=1, tokens=8, batch_atoms=[2, 4], device="cpu", warmup=0, steps=1)
+    assert [r["atoms_per_batch"] for r in result["rows"]] == [2, 4]
+    assert result["flops_per_atom"] == bench.forward_flops(result["layer_params"], 1, 64, 8, 1)
+    assert result["best"]["atoms_per_s"] > 0 and result["matmul_peak_tflops"] > 0
+
+
+def test_random_checkpoint_loads_in_the_encoder_with_one_token_per_character(tmp_path: Path) -> None:
+    from bahe_ray.config import EncoderConfig
+    from bahe_ray.encoders.hf import TransformersEncoder
+
+    path = bench.random_checkpoint(TINY, 1, tmp_path / "ckpt")
+    encoder = TransformersEncoder(EncoderConfig(model=str(path), k=1, max_tokens=12), device="cpu")
+    result = bench.bench_encode_texts(encoder, bench.random_texts(10, 12), batch_size=4)
+    assert result["tokens"] == 10 * 12 and result["atoms_per_s"] > 0
+
+
+def test_cli_bench_train_and_encode(tmp_path: Path) -> None:
+    args = ["--model", "minilm-shape", "--k", "5", "--n", "2", "--batch", "1", "--warmup", "0", "--steps", "1",
+            "--sides", "bahe", "--atoms", "50", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli_main(["bench", "train", *args]) == 0
+    assert (tmp_path / "train-minilm-shape-cpu.json").is_file() and (tmp_path / "train-minilm-shape-cpu.png").is_file()
+    with pytest.raises(NotImplementedError, match="vllm"):
+        cli_main(["bench", "encode", "--backend", "vllm", "--out", str(tmp_path)])

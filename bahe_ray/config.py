@@ -72,13 +72,16 @@ class EncoderConfig(_Section):
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
-    tensor_parallel_size: int = Field(1, ge=1)  # GPUs of one node per vLLM engine
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs of one node per vLLM engine, all held by its actor
     cache_dir: str = "outputs/cache/encoders"  # truncated checkpoints (vLLM backend), local or s3://
 
     @model_validator(mode="after")
     def _check(self) -> EncoderConfig:
-        if self.tensor_parallel_size > 1 and self.backend == "transformers":
-            raise ValueError("encoder.tensor_parallel_size > 1 needs encoder.backend 'vllm' (or 'auto')")
+        if self.tensor_parallel_size > 1:
+            if self.backend == "transformers":
+                raise ValueError("encoder.tensor_parallel_size > 1 needs encoder.backend 'vllm' (or 'auto')")
+            if self.num_gpus_per_actor != self.tensor_parallel_size:
+                raise ValueError("encoder.num_gpus_per_actor must equal encoder.tensor_parallel_size (an actor holds its engine's GPUs)")
         return self
 
 

@@ -35,7 +35,6 @@ from bahe_ray.data import movielens, synthetic
 from bahe_ray.data.readers import read_rejects, read_table, reject_counts, write_parquet_table
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS, TableKind
 from bahe_ray.encoders import build_encoder, encoder_fingerprint, resolve_model_path
-from bahe_ray.encoders.vllm import TensorParallelPlacement
 from bahe_ray.fs import join
 from bahe_ray.store import EmbeddingStore, PartWriter
 
@@ -169,8 +168,8 @@ class EncodeAndWrite:
 
 
 def actor_device(cfg: EncoderConfig) -> str:
-    """Where the encoder actors compute: a GPU when they get one, or lead tensor-parallel vLLM workers."""
-    return "cuda" if cfg.num_gpus_per_actor > 0 or cfg.tensor_parallel_size > 1 else "cpu"
+    """Where the encoder actors compute: a GPU when they get one."""
+    return "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
 
 
 def run_encode(cfg: Config) -> EncodeSummary:
@@ -223,34 +222,28 @@ def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStor
     An actor that dies (killed, OOM, node lost) is restarted and its in-flight batches are
     retried on it (up to MAX_BATCH_RETRIES times each, so a batch that kills every actor it
     meets fails the job instead of looping); a retried batch writes a new part and the commit
-    drops ids already stored, so each atom is stored once. Tensor-parallel actors each run in
-    a placement group of their GPUs, removed when the job ends.
+    drops ids already stored, so each atom is stored once. A tensor-parallel actor holds all
+    its engine's GPUs (num_gpus_per_actor == tensor_parallel_size).
     """
     enc = cfg.encoder
-    placement = TensorParallelPlacement(enc.tensor_parallel_size, enc.num_cpus_per_actor) if enc.tensor_parallel_size > 1 else None
-    gpus: dict[str, Any] = {"num_gpus": 0, "ray_remote_args_fn": placement} if placement else {"num_gpus": enc.num_gpus_per_actor}
     parts = atoms.map_batches(
         EncodeAndWrite,
         fn_constructor_kwargs={"encoder_cfg": enc, "writer": store.part_writer(), "storage": cfg.storage},
         compute=ActorPoolStrategy(size=enc.num_actors),
         batch_size=enc.batch_size,
         batch_format="pyarrow",
+        num_gpus=enc.num_gpus_per_actor,
         num_cpus=enc.num_cpus_per_actor,
         max_restarts=-1,
         max_task_retries=MAX_BATCH_RETRIES,
-        **gpus,
     )
     pending: list[Any] = []
     encoded = 0
-    try:
-        for row in parts.iter_rows():
-            pending.append(json.loads(row["part"]))
-            if len(pending) >= cfg.store.commit_every_parts:
-                encoded += store.commit(pending).added
-                pending = []
-        if pending:
+    for row in parts.iter_rows():
+        pending.append(json.loads(row["part"]))
+        if len(pending) >= cfg.store.commit_every_parts:
             encoded += store.commit(pending).added
-    finally:
-        if placement:
-            placement.remove()
+            pending = []
+    if pending:
+        encoded += store.commit(pending).added
     return encoded

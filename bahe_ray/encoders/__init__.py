@@ -91,9 +91,9 @@ def build_encoder(
 ) -> ShallowEncoder:
     """The encoder `cfg.backend` asks for; "auto" takes vLLM when it is importable and the device is a GPU.
 
-    `device` defaults to this process's best; a tensor-parallel Ray actor sees no GPU itself
-    (its vLLM workers hold them), so callers that know the target device pass it. `storage`
-    reaches an s3:// `cfg.cache_dir` (vLLM's truncated checkpoints).
+    `device` defaults to this process's best; the encode job's actors pass the device the
+    driver's fingerprint names. `storage` reaches an s3:// `cfg.cache_dir` (vLLM's truncated
+    checkpoints).
     """
     device = device or default_device()
     backend = cfg.backend

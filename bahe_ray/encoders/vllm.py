@@ -12,8 +12,11 @@ In Ray Data each encoder actor holds one engine, run inside the actor's process 
 VLLM_ENABLE_V1_MULTIPROCESSING=0 unless the environment says otherwise): the engine then dies
 with its actor, which Ray restarts and whose batches it retries, whereas an engine subprocess
 that dies mid-call leaves `LLM.embed` waiting forever (vLLM 0.32); it also starts ~4x faster on
-CPU. With tensor_parallel_size > 1 the actor runs inside a placement group of that many GPU
-bundles on one node (`TensorParallelPlacement`) and vLLM's Ray executor puts its workers there.
+CPU. With tensor_parallel_size > 1 the actor holds that many GPUs (Ray gives one actor's GPUs
+on one node) and vLLM's multiprocessing executor runs a worker per GPU as the actor's child
+processes: vLLM's advice for one node, and no placement groups to leak or clean up (Ray Data
+2.60 calls a `ray_remote_args_fn` once more than it starts actors, so a placement group per call
+would reserve GPUs that no actor uses), and the workers die with their actor.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ class VLLMEncoder:
             runner="pooling",
             dtype=self.fingerprint.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
-            distributed_executor_backend="ray" if cfg.tensor_parallel_size > 1 else None,
+            distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
             enforce_eager=self.device == "cpu",  # torch.compile adds ~30 s to a CPU engine start
             max_model_len=max_model_len,
             kv_cache_memory_bytes=kv_cache_bytes(config, self.fingerprint.dtype, max_model_len),
@@ -145,32 +148,3 @@ class VLLMEncoder:
             out[row] = output.outputs.embedding
         return out
 
-
-class TensorParallelPlacement:
-    """Ray Data `ray_remote_args_fn` for tensor-parallel encoder actors: one placement group each.
-
-    Each call (one per actor Ray Data starts) reserves `tp` GPU bundles packed on one node,
-    the first also holding the actor's CPUs, and schedules the actor into it with child-task
-    capture, so vLLM's Ray executor (which takes the current placement group) places its
-    workers there. The actor itself asks for no GPU: its workers hold them. Groups outlive
-    their actors (Ray restarts a dead actor inside its group); `remove()` frees them all.
-    """
-
-    def __init__(self, tensor_parallel_size: int, num_cpus: float) -> None:
-        self.bundles = [{"GPU": 1.0, "CPU": num_cpus}] + [{"GPU": 1.0}] * (tensor_parallel_size - 1)
-        self.groups: list[Any] = []
-
-    def __call__(self) -> dict[str, Any]:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        group = placement_group(self.bundles, strategy="STRICT_PACK")
-        self.groups.append(group)
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
-
-    def remove(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        for group in self.groups:
-            remove_placement_group(group)
-        self.groups.clear()

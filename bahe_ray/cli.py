@@ -88,6 +88,14 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     return bench_main(cfg, args.bench_args)
 
 
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.serve import serve_blocking
+
+    init_ray(cfg)
+    serve_blocking(cfg)
+    return 0
+
+
 def cmd_show_config(cfg: Config, args: argparse.Namespace) -> int:
     print(dump_config(cfg))
     return 0
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", cmd_bench, "benchmarks: BAHE vs token-level training, the shallow encoder, the encode job")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="{train,encode,pipeline} ...",
                    help="what to run and its options (bahe bench train -h); --config/--set go before it")
+    command("serve", cmd_serve, "serve CTR scores over HTTP (Ray Serve) on serve.host:serve.port until Ctrl-C")
     command("config", cmd_show_config, "print the resolved configuration")
     return parser
 

@@ -438,7 +438,7 @@ def load_scorer_state(checkpoint: str, cfg: Config, loader: CheckpointLoader, en
     return _Loaded(model.eval(), store, info, device)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})  # mostly idle: only atoms the store lacks
 class AtomEncoder:
     """The shallow encoder of the served checkpoint, for atoms its store lacks, with an LRU cache.
 
@@ -639,6 +639,9 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def serve_blocking(cfg: Config) -> None:
-    """`bahe serve`: the scorer of a profile on cfg.serve.host:port until interrupted."""
+    """`bahe serve`: the scorer of a profile on cfg.serve.host:port until Ctrl-C, then Serve shuts down."""
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(scorer_app(cfg), name=APP_NAME, route_prefix="/", blocking=True)
+    try:
+        serve.run(scorer_app(cfg), name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        serve.shutdown()

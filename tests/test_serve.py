@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from bahe_ray.atoms import atom_ids, normalize_text
+from bahe_ray.bench_serve import run_serve_benchmark
 from bahe_ray.checkpoint import CheckpointMeta, build_model, load_checkpoint, save_checkpoint
 from bahe_ray.config import Config, load_config
 from bahe_ray.data import movielens
@@ -359,6 +360,14 @@ def test_streamed_body_over_the_limit_is_413(client: httpx.Client) -> None:
 
     response = client.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["field"] == "body"
+
+
+def test_serve_benchmark_reports_latency_and_stops(url: str, world: World) -> None:
+    report = run_serve_benchmark(world.cfg, url, clients=2, requests=6, candidates=5, behaviors=12)
+    assert report["requests"] == report["ok"] == 6 and report["statuses"] == {"200": 6}
+    assert 0 < report["p50_ms"] <= report["p99_ms"] and report["requests_per_s"] > 0
+    with pytest.raises(ValueError, match="loopback"):
+        run_serve_benchmark(world.cfg, "http://10.0.0.1:8000")
 
 
 # ---- overload, failures, rollout ------------------------------------------------------------

@@ -147,6 +147,7 @@ class ModelInfo(BaseModel):
     store_path: str
     store_version: int
     store_atoms: int
+    rollout_error: str | None = None  # the last user_config checkpoint this replica could not load
 
 
 class FieldError(BaseModel):
@@ -498,16 +499,29 @@ class Scorer:
     def __init__(self, cfg: Config, encoder: DeploymentHandle, loader: CheckpointLoader = load_checkpoint) -> None:
         self.cfg, self.encoder, self.loader = cfg, encoder, loader
         self.loaded: _Loaded | None = None
+        self.rollout_error: str | None = None
         self._score_batch.set_max_batch_size(cfg.serve.batch_max_size)
         self._score_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the configured checkpoint beside the current one, then swap (requests keep flowing)."""
-        checkpoint = ScorerConfig.model_validate(user_config).checkpoint
-        if self.loaded is not None and self.loaded.info.checkpoint == checkpoint:
-            return
-        fingerprint = await self.encoder.fingerprint.remote()
-        self.loaded = await asyncio.to_thread(load_scorer_state, checkpoint, self.cfg, self.loader, fingerprint)
+        """Load the configured checkpoint beside the current one, then swap (requests keep flowing).
+
+        A checkpoint that fails to load (or to match the store and encoder) fails a starting
+        replica, but a serving one keeps its model and reports the error in `info`: raising
+        here would make Serve replace every serving replica with ones that cannot start.
+        """
+        try:
+            checkpoint = ScorerConfig.model_validate(user_config).checkpoint
+            if self.loaded is not None and self.loaded.info.checkpoint == checkpoint:
+                return
+            fingerprint = await self.encoder.fingerprint.remote()
+            self.loaded = await asyncio.to_thread(load_scorer_state, checkpoint, self.cfg, self.loader, fingerprint)
+            self.rollout_error = None
+        except Exception as err:  # noqa: BLE001 - any failure: keep serving the loaded model
+            if self.loaded is None:
+                raise
+            self.rollout_error = f"{type(err).__name__}: {err}"
+            log.error("rollout of %s failed; still serving %s: %s", user_config, self.loaded.info.checkpoint, err)
 
     def current(self) -> _Loaded:
         if self.loaded is None:
@@ -519,7 +533,7 @@ class Scorer:
         self.current()
 
     def info(self) -> ModelInfo:
-        return self.current().info
+        return self.current().info.model_copy(update={"rollout_error": self.rollout_error})
 
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         """Scores of one request; raises RequestError for fields or atom ids the model cannot read."""

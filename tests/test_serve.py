@@ -52,6 +52,7 @@ SCORER_OPTIONS = {"max_ongoing_requests": 8, "max_queued_requests": 8}
 class World:
     cfg: Config
     overrides: list[str]  # cfg is configs/local.yaml with these
+    fingerprint: str  # the store's encoder fingerprint id
     checkpoints: list[str]
     versions: list[str]
     stored: dict[str, list[str]]  # field -> behaviour texts in the store; "items" -> item texts
@@ -101,7 +102,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> World:
         written = save_checkpoint(str(tmp / name), model, meta)
         checkpoints.append(str(tmp / name))
         versions.append(written.model_sha256[:16])
-    return World(cfg, overrides, checkpoints, versions, stored, unseen)
+    return World(cfg, overrides, encoder.fingerprint.id, checkpoints, versions, stored, unseen)
 
 
 def serve_run(world: World, folder: Path, scorer: dict[str, Any]) -> None:
@@ -265,17 +266,25 @@ def test_online_vectors_equal_stored_vectors(url: str, world: World) -> None:
     np.testing.assert_allclose(online, stored, atol=2e-6, rtol=0)
 
 
-def test_encoder_and_scorer_refuse_another_fingerprint(world: World, tmp_path: Path) -> None:
-    other = world.cfg.model_copy(deep=True)
-    other.encoder.max_tokens = 32  # another fingerprint than the store's
+@pytest.fixture(scope="module")
+def foreign_checkpoint(world: World, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """ckpt-a recorded as trained on another encoder (max_tokens 32): it does not fit the store."""
     meta = json.loads(Path(world.checkpoints[0], "checkpoint.json").read_text())
     meta["config"]["encoder"]["max_tokens"] = 32
-    folder = tmp_path / "ckpt"
+    meta["encoder_fingerprint_id"] = "f" * 16
+    folder = tmp_path_factory.mktemp("foreign") / "ckpt"
     shutil.copytree(world.checkpoints[0], folder)
     (folder / "checkpoint.json").write_text(json.dumps(meta))
-    other.serve.checkpoint = str(folder)
+    return str(folder)
+
+
+def test_encoder_and_scorer_refuse_another_fingerprint(world: World, foreign_checkpoint: str) -> None:
+    other = world.cfg.model_copy(deep=True)
+    other.serve.checkpoint = foreign_checkpoint
     with pytest.raises(FingerprintMismatchError, match="max_tokens"):
         AtomEncoder.func_or_class(other)
+    with pytest.raises(FingerprintMismatchError, match="checkpoint"):
+        load_scorer_state(foreign_checkpoint, world.cfg, load_checkpoint, world.fingerprint)
     with pytest.raises(FingerprintMismatchError, match="online encoder"):
         load_scorer_state(world.checkpoints[0], world.cfg, load_checkpoint, "0" * 16)
 
@@ -441,6 +450,25 @@ def test_killed_scorer_replica_recovers(url: str, world: World, client: httpx.Cl
     assert score(client, good_request(world))["model_version"] == world.versions[0]
 
 
+def test_failed_rollout_keeps_the_current_model(
+    url: str, world: World, foreign_checkpoint: str, tmp_path: Path
+) -> None:
+    """A user_config checkpoint that does not fit the store: serving replicas keep their model and say why."""
+
+    def rollout_error() -> str | None:
+        return httpx.get(f"{url}/v1/model", timeout=30).json()["rollout_error"]
+
+    with Traffic(url, world) as traffic:
+        wait_for(lambda: len(traffic.outcomes) >= 5)
+        serve_run(world, tmp_path, {"user_config": {"checkpoint": foreign_checkpoint}})
+        wait_for(lambda: rollout_error() is not None)
+        seen = len(traffic.outcomes)
+        wait_for(lambda: len(traffic.outcomes) >= seen + 5)
+    assert {s for _, s, _ in traffic.outcomes} == {200}
+    assert {v for _, _, v in traffic.outcomes} == {world.versions[0]}
+    assert "FingerprintMismatchError" in (rollout_error() or "")
+
+
 def test_user_config_rollout_switches_model_without_failures(url: str, world: World, tmp_path: Path) -> None:
     """A serve config naming another checkpoint in the Scorer's user_config: reloaded in place, no request fails."""
     with Traffic(url, world) as traffic:
@@ -454,4 +482,5 @@ def test_user_config_rollout_switches_model_without_failures(url: str, world: Wo
     first_new = versions.index(world.versions[1])
     assert set(versions[:first_new]) == {world.versions[0]}
     assert set(versions[first_new + len(traffic.threads):]) == {world.versions[1]}  # no flapping back
-    assert httpx.get(f"{url}/v1/model").json()["version"] == world.versions[1]
+    info = httpx.get(f"{url}/v1/model").json()
+    assert info["version"] == world.versions[1] and info["rollout_error"] is None

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from bahe_ray.config import Config, StorageConfig
 from bahe_ray.encoders import resolve_model_path
@@ -77,6 +78,9 @@ class CheckpointMeta(BaseModel):
 
 def build_model(kind: ModelKind, cfg: Config) -> nn.Module:
     """A fresh model of `kind` from the config: pretrained backbone (fp32) + new head, fields from samples.fields."""
+    # transformers' weight-loading progress bar takes tqdm's process-wide lock, on which a Ray
+    # driver printing worker logs was seen to deadlock; training logs per epoch instead.
+    hf_logging.disable_progress_bar()
     n_fields = len(cfg.samples.fields)
     if kind == "id":
         return IdCTR(n_fields, cfg.model, cfg.model.id_buckets)

@@ -88,6 +88,68 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     return bench_main(cfg, args.bench_args)
 
 
+def ensure_samples(cfg: Config) -> None:
+    """Build the sample table (with Ray) unless one with the configured fields and N exists."""
+    from bahe_ray.samples import build_configured_samples, read_summary
+
+    try:
+        summary = read_summary(cfg.samples.path, cfg.storage)
+        if summary.fields == list(cfg.samples.fields) and summary.max_behaviors == cfg.samples.max_behaviors:
+            return
+    except FileNotFoundError:
+        pass
+    init_ray(cfg)
+    build_configured_samples(cfg)
+
+
+def cmd_samples(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.samples import build_configured_samples
+
+    init_ray(cfg)
+    summary = build_configured_samples(cfg)
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.train import train_local, train_ray
+
+    ensure_samples(cfg)
+    command = " ".join(["bahe", *sys.argv[1:]])
+    if args.no_ray:
+        report = train_local(cfg, command)
+    else:
+        init_ray(cfg)
+        report = train_ray(cfg, command)
+    print(json.dumps({k: report[k] for k in ("run_dir", "best_checkpoint", "best_epoch", "test", "summary")}, indent=2))
+    write_json(args.report_json, report)
+    return 0
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.split, cfg.storage, args.samples, args.store, args.device)
+    print(json.dumps(result.metrics, indent=2))
+    if args.scores:
+        import pyarrow.parquet as pq
+
+        Path(args.scores).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(result.scores, args.scores)
+        log.info("wrote %d scores to %s", result.scores.num_rows, args.scores)
+    return 0
+
+
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.train import compare
+
+    ensure_samples(cfg)
+    command = " ".join(["bahe", *sys.argv[1:]])
+    table = compare(args.config, args.overrides, cfg.train.output_dir, not args.no_ray, command)
+    print((Path(cfg.train.output_dir) / "compare.md").read_text())
+    return 0 if table["rows"] else 1
+
+
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     from bahe_ray.serve import serve_blocking
 
@@ -123,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", cmd_bench, "benchmarks: BAHE vs token-level training, the shallow encoder, the encode job")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="{train,encode,pipeline} ...",
                    help="what to run and its options (bahe bench train -h); --config/--set go before it")
+    command("samples", cmd_samples, "build the point-in-time sample table from the configured inputs")
+    p = command("train", cmd_train, "train train.model_kind (builds the sample table if missing)")
+    p.add_argument("--no-ray", action="store_true", help="train in this process without Ray (e.g. the GPU machine)")
+    p.add_argument("--report-json", default=None, help="also write the run report (metrics.json content) here")
+    p = command("evaluate", cmd_evaluate, "score one split of the sample table with a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or s3://)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--samples", default=None, help="sample table path (default: the one the checkpoint recorded)")
+    p.add_argument("--store", default=None, help="embedding store path (default: the one the checkpoint recorded)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--scores", default=None, help="write per-sample scores to this parquet file")
+    p = command("compare", cmd_compare, "train bahe, token and id on the same split; table of AUC, time, memory")
+    p.add_argument("--no-ray", action="store_true", help="train without Ray (the sample table must exist)")
     command("serve", cmd_serve, "serve CTR scores over HTTP (Ray Serve) on serve.host:serve.port until Ctrl-C")
     command("config", cmd_show_config, "print the resolved configuration")
     return parser

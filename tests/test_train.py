@@ -1,0 +1,283 @@
+"""Training on real MovieLens rows with the real MiniLM: batches, metrics, checkpoints, the plain loop,
+Ray Train (2 gloo workers, S3 output, one injected worker failure) and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from transformers import AutoTokenizer
+
+from bahe_ray.checkpoint import (
+    META_FILE, MODEL_FILE, CheckpointCorruptError, CheckpointMeta, build_model, load_checkpoint, load_optimizer_state,
+    save_checkpoint,
+)
+from bahe_ray.cli import main as cli_main
+from bahe_ray.config import Config, load_config, with_overrides
+from bahe_ray.encode import run_encode
+from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, sample_arrays, token_batch
+from bahe_ray.model import tokenize_histories
+from bahe_ray.samples import build_configured_samples, read_split_table
+from bahe_ray.train import (
+    FAIL_ONCE_ENV, TableSource, evaluate_checkpoint, fit, gauc, make_optimizer, train_local, train_ray,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = ["liked", "disliked"]
+TIMING = {"train_seconds", "epoch_seconds", "samples_per_s", "peak_memory_mb"}
+
+
+@pytest.fixture(scope="module")
+def ml(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """Six real MovieLens-100K users (798 impressions), encoded by MiniLM's first 4 layers, N=10."""
+    root = tmp_path_factory.mktemp("ml-train")
+    cfg = load_config(REPO / "configs" / "local.yaml", [
+        "data.movielens_users=6", f"data.prepared_path={root / 'data'}", f"data.cache_dir={REPO / 'outputs' / 'cache'}",
+        "encoder.k=4", f"store.path={root / 'store'}", f"samples.path={root / 'samples'}", "samples.max_behaviors=10",
+        f"rejects_path={root / 'rejects'}", f"train.output_dir={root / 'train'}", "train.batch_size=32",
+        "train.eval_batch_size=128", "train.max_train_samples=128", "train.max_epochs=2", "model.head_hidden=[32]",
+    ])
+    run_encode(cfg)
+    build_configured_samples(cfg)
+    return cfg
+
+
+# ---- batches and metrics -------------------------------------------------------------------
+
+
+def history_table(histories: list[list[list[int]]], items: list[int]) -> pa.Table:
+    columns = {
+        "user_id": [f"u{i % 2}" for i in range(len(items))],
+        "item_atom_id": pa.array(items, pa.int64()),
+        "label": pa.array([i % 2 for i in range(len(items))], pa.int8()),
+    }
+    for f, name in enumerate(FIELDS):
+        columns[f"hist_{name}"] = pa.array([h[f] for h in histories], pa.list_(pa.int64()))
+    return pa.table(columns)
+
+
+@pytest.mark.parametrize("model", ["minilm_path", "tiny_llama", "tiny_qwen2"])
+def test_token_batch_equals_tokenize_histories(model: str, request: pytest.FixtureRequest) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model))
+    texts = {100 + i: t for i, t in enumerate([
+        "rated 5/5: Toy Story (1995) | Animation, Children's, Comedy", "Purchase nike shoes for 12 dollars",
+        "Search lamp near ikea", "rated 2/5: Heat (1995) | Action, Crime, Thriller", "rated 4 : casino ( 1995 )",
+    ])}
+    rng = np.random.default_rng(0)
+    histories = [[rng.choice(list(texts), size=rng.integers(0, 8)).tolist() for _ in FIELDS] for _ in range(6)]
+    histories[0][1] = []  # an empty field
+    items = rng.choice(list(texts), size=6).tolist()
+    arrays = sample_arrays(history_table(histories, items), FIELDS, max_behaviors=5)
+    looked_up: list[int] = []
+
+    def text_source(ids: np.ndarray) -> list[str]:
+        looked_up.extend(ids.tolist())
+        return [texts[int(i)] for i in ids]
+
+    for max_length in (12, 128):
+        cache = TokenCache(tokenizer, max_length, text_source)
+        got = token_batch(arrays, cache)
+        recent = [[[texts[i] for i in field[-5:]] for field in h] for h in histories]
+        want = tokenize_histories(tokenizer, recent, [texts[i] for i in items], max_length)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        calls = len(looked_up)
+        token_batch(arrays, cache)
+        assert len(looked_up) == calls, "each atom is tokenised once"
+    assert len(looked_up) == 2 * len(set(looked_up))
+
+
+class DictVectors:
+    """A VectorSource over a dict, as the Serve scorer would pass (store + fresh encodings)."""
+
+    def __init__(self, vectors: dict[int, np.ndarray]) -> None:
+        self.vectors = vectors
+
+    def lookup_with_mask(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = np.array([int(i) in self.vectors for i in ids.reshape(-1)], dtype=bool).reshape(ids.shape)
+        out = np.stack([self.vectors.get(int(i), np.zeros(3, np.float32)) for i in ids.reshape(-1)])
+        return out.reshape(*ids.shape, 3), found
+
+
+def test_bahe_batch_reads_vectors_of_real_behaviours_only() -> None:
+    vectors = DictVectors({i: np.full(3, i, np.float32) for i in range(1, 8)})
+    arrays = sample_arrays(history_table([[[1, 2], [3]], [[4], []]], [5, 6]), FIELDS, max_behaviors=10)
+    batch = bahe_batch(arrays, vectors)
+    assert batch["hist"].shape == (2, 2, 2, 3), "cut after the longest history, not padded to N"
+    assert batch["hist"][0, 0, :, 0].tolist() == [1, 2] and batch["hist"][1, 1].abs().sum() == 0
+    assert batch["hist_mask"].tolist() == [[[True, True], [True, False]], [[True, False], [False, False]]]
+    assert batch["item"][:, 0].tolist() == [5, 6]
+    missing = sample_arrays(history_table([[[1, 99], [98]], [[4], []]], [5, 97]), FIELDS, max_behaviors=10)
+    with pytest.raises(MissingVectorsError, match="2 of 4 behaviours and 1 of 2 items"):
+        bahe_batch(missing, vectors)
+
+
+def test_gauc_is_the_impression_weighted_per_user_auc() -> None:
+    rng = np.random.default_rng(1)
+    users = rng.choice([f"u{i}" for i in range(40)], size=600)
+    labels = rng.integers(0, 2, size=600)
+    scores = rng.choice(np.linspace(0, 1, 7), size=600)  # many ties
+    labels[users == "u0"] = 1  # a user with one label only is left out
+    per_user = [(roc_auc_score(labels[users == u], scores[users == u]), (users == u).sum())
+                for u in np.unique(users) if len(np.unique(labels[users == u])) == 2]
+    expected = sum(a * n for a, n in per_user) / sum(n for _, n in per_user)
+    assert gauc(labels, scores, users) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(gauc(np.ones(3), np.ones(3), ["a", "b", "c"]))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def small_id_checkpoint(folder: Path) -> tuple[torch.nn.Module, Config]:
+    cfg = load_config(None, ["model.id_buckets=64", "model.id_embedding_dim=8", "model.head_hidden=[8]"])
+    model = build_model("id", cfg)
+    meta = CheckpointMeta(model_kind="id", config=cfg.model_dump(mode="json"), fields=FIELDS, max_behaviors=5, dim=8)
+    save_checkpoint(str(folder), model, meta)
+    return model, cfg
+
+
+def test_checkpoint_roundtrip_and_corruption_is_refused(tmp_path: Path) -> None:
+    model, cfg = small_id_checkpoint(tmp_path / "ok")
+    loaded, meta = load_checkpoint(str(tmp_path / "ok"))
+    assert meta.model_kind == "id" and meta.cfg == cfg and not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+    def damaged(name: str, damage) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "ok", folder)
+        path = folder / MODEL_FILE
+        path.write_bytes(damage(path.read_bytes()))
+        return folder
+
+    flipped = damaged("flipped", lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:])
+    truncated = damaged("truncated", lambda b: b[: len(b) // 2])
+    for folder in (flipped, truncated):
+        with pytest.raises(CheckpointCorruptError, match=rf"{folder.name}/model.safetensors: sha256 differs"):
+            load_checkpoint(str(folder))
+
+    # A consistent record of weights that do not fit the model: a missing tensor.
+    from safetensors.torch import load_file, save_file
+
+    folder = damaged("missing-key", lambda b: b)
+    tensors = load_file(folder / MODEL_FILE)
+    tensors.pop("head.mlp.0.bias")
+    save_file(tensors, folder / MODEL_FILE)
+    record = json.loads((folder / META_FILE).read_text())
+    import hashlib
+
+    record["model_sha256"] = hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest()
+    (folder / META_FILE).write_text(json.dumps(record))
+    with pytest.raises(CheckpointCorruptError, match=r"missing-key/model.safetensors: .*head.mlp.0.bias"):
+        load_checkpoint(str(folder))
+    (folder / META_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="missing checkpoint.json"):
+        load_checkpoint(str(folder))
+
+
+def test_optimizer_state_roundtrips_through_safetensors_on_s3(s3_server) -> None:
+    cfg = load_config(None, ["model.id_buckets=64", "model.id_embedding_dim=8", "model.head_hidden=[8]"])
+    model = build_model("id", cfg)
+    optimizer = make_optimizer(model, cfg.train)
+    batch = {"hist_ids": torch.tensor([[[1, 2], [3, 0]]]), "hist_mask": torch.tensor([[[True, True], [True, False]]]),
+             "item_ids": torch.tensor([4])}
+    model(batch).sum().backward()
+    optimizer.step()
+    folder = f"{s3_server.new_bucket()}/ckpt"
+    meta = CheckpointMeta(model_kind="id", config=cfg.model_dump(mode="json"), fields=FIELDS, max_behaviors=2, dim=8)
+    save_checkpoint(folder, model, meta, s3_server.storage, optimizer=optimizer)
+    fresh, _ = load_checkpoint(folder, s3_server.storage)
+    restored = make_optimizer(fresh, cfg.train)
+    load_optimizer_state(folder, restored, s3_server.storage)
+    want, got = optimizer.state_dict(), restored.state_dict()
+    assert got["param_groups"] == json.loads(json.dumps(want["param_groups"]))  # betas: list, not tuple
+    for index, state in want["state"].items():
+        for name, value in state.items():
+            assert torch.equal(got["state"][index][name], value)
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def test_plain_fit_same_seed_same_metrics(ml: Config) -> None:
+    train_rows = read_split_table(ml.samples.path, "train", ml.storage)
+    val_rows = read_split_table(ml.samples.path, "val", ml.storage)
+    runs = []
+    for _ in range(2):
+        result = fit(ml, "bahe", TableSource(train_rows, 32, seed=7), TableSource(val_rows, 128))
+        runs.append([{k: v for k, v in e.items() if k not in TIMING} for e in result.history])
+    assert runs[0] == runs[1] and len(runs[0]) == 2
+    assert runs[0][0]["train_samples"] == 128 and runs[0][0]["val_samples"] == len(val_rows)
+
+
+def test_early_stopping_stops(ml: Config) -> None:
+    # With negligible learning rates the validation AUC cannot improve: stop after `patience` epochs.
+    cfg = with_overrides(ml, ["train.lr=1e-12", "train.head_lr=1e-12", "train.patience=2", "train.max_epochs=6",
+                              "model.id_buckets=4096"])
+    train_rows = read_split_table(cfg.samples.path, "train", cfg.storage)
+    val_rows = read_split_table(cfg.samples.path, "val", cfg.storage)
+    result = fit(cfg, "id", TableSource(train_rows, 32, seed=0), TableSource(val_rows, 128))
+    assert [e["epoch"] for e in result.history] == [1, 2, 3]
+    assert result.state.stopped_early and result.state.best_epoch == 1
+
+
+@pytest.mark.parametrize("kind", ["bahe", "token", "id"])
+def test_local_run_exports_best_and_evaluation_reproduces_it(ml: Config, kind: str, tiny_llama: Path,
+                                                             tmp_path: Path) -> None:
+    # The token baseline runs on the tiny Llama here (texts from the same store), to stay fast.
+    sets = [f"train.output_dir={tmp_path / 'out'}", f"train.model_kind={kind}", "model.id_buckets=4096"]
+    if kind == "token":
+        sets += [f"encoder.model={tiny_llama}", "model.token_max_length=64", "train.max_epochs=1"]
+    cfg = with_overrides(ml, sets)
+    report = train_local(cfg, "pytest")
+    run_dir = Path(report["run_dir"])
+    assert json.loads((run_dir / "metrics.json").read_text())["test"] == report["test"]
+    assert (run_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    best = str(tmp_path / "out" / "best")
+    val = evaluate_checkpoint(best, "val")
+    for name in ("auc", "logloss", "gauc"):
+        assert val.metrics[name] == pytest.approx(report["best_val"][f"val_{name}"], abs=1e-6)
+    scores = tmp_path / "scores.parquet"
+    assert cli_main(["evaluate", "--checkpoint", best, "--split", "test", "--scores", str(scores)]) == 0
+    test = evaluate_checkpoint(best, "test")
+    assert test.metrics == report["test"]
+    assert pq.read_table(scores).equals(test.scores)
+
+
+def test_ray_train_resumes_after_a_worker_failure(ml: Config, s3_server, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 CPU workers (gloo), checkpoints and reports on S3; rank 0 fails once after epoch 1."""
+    import s3fs
+
+    out = f"{s3_server.new_bucket()}/train"
+    cfg = with_overrides(ml, [f"train.output_dir={out}", f"storage.endpoint_url={s3_server.endpoint}",
+                              "train.num_workers=2", "train.cpus_per_worker=1", "train.max_epochs=2", "train.patience=0"])
+    flag = tmp_path / "fail-once"
+    flag.touch()
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(flag))
+    report = train_ray(cfg, "pytest")
+    assert not flag.exists() and report["restarts"] == 1
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2]
+    assert all(e["train_samples"] == 128 for e in report["epochs"])
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    run_dir = f"{out}/{report['run']}"[5:]
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(run_dir)}
+    assert {"epoch_001", "epoch_002", "metrics.json", "training_curves.png"} <= names
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run_dir}/epoch_002")} >= {
+        "model.safetensors", "optimizer.safetensors", "checkpoint.json"}
+    model, meta = load_checkpoint(f"{out}/best", cfg.storage)
+    assert meta.model_kind == "bahe" and meta.epoch == report["best_epoch"]
+    assert meta.encoder_fingerprint_id and meta.fields == FIELDS and meta.max_behaviors == 10
+    test = evaluate_checkpoint(f"{out}/best", "test", cfg.storage)
+    assert test.metrics == report["test"]
+    val = evaluate_checkpoint(f"{out}/best", "val", cfg.storage)  # in training: sharded over 2 ranks
+    assert val.metrics["auc"] == pytest.approx(report["best_val"]["val_auc"], abs=1e-6)

@@ -481,7 +481,7 @@ class AtomEncoder:
                 fresh = await asyncio.to_thread(self.encoder.encode, [texts[row] for row in todo])
             out[todo] = fresh
             for row, vector in zip(todo, fresh):
-                self.cache[ids[row]] = vector
+                self.cache[ids[row]] = vector.copy()  # not a view: evicted rows must free their memory
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         return out

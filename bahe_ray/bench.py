@@ -570,7 +570,8 @@ def plot_train(result: Result, path: str | Path) -> None:
         ax.legend()
     fig.suptitle(
         f"{result['model']} ({result['weights']} weights), k={result['k']}, T={result['tokens_per_behavior']}, "
-        f"F={result['fields']}, {result['dtype']}, {result['env'].get('gpu', result['env']['cpu'])}"
+        f"F={result['fields']}, {result['dtype']}{', compiled' if result['compile'] else ''}, "
+        f"{result['env'].get('gpu') or '{cpu} CPU, {cpu_cores} cores'.format(**result['env'])}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -714,13 +715,12 @@ def source_atoms(cfg: Config, source: str, events: int, workdir: str | Path) -> 
     return unique, ev.num_rows, imp.num_rows, time.perf_counter() - start
 
 
-def bench_encode_source(cfg: Config, source: str, events: int, workdir: str | Path, device: str) -> Result:
-    """Unique atoms/s and events/s of dedup + `encode` (cfg.encoder) over a source's atoms, in one process."""
-    from bahe_ray.encoders.hf import TransformersEncoder
+def bench_encode_source(cfg: Config, source: str, events: int, workdir: str | Path, device: str, backend: str) -> Result:
+    """Unique atoms/s and events/s of dedup + encoding (cfg.encoder on `backend`) of a source's atoms."""
+    from bahe_ray.encoders.throughput import encode_throughput
 
     texts, n_events, n_impressions, dedup_s = source_atoms(cfg, source, events, workdir)
-    encoder = TransformersEncoder(cfg.encoder, device=resolve_device(device))
-    encoded = bench_encode_texts(encoder, texts, cfg.encoder.batch_size)
+    encoded = encode_throughput(cfg.encoder, texts, backend, resolve_device(device))  # type: ignore[arg-type]
     total = dedup_s + encoded["seconds"]
     return {
         "source": source, "events": n_events, "impressions": n_impressions, "unique_atoms": len(texts),
@@ -820,7 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
 
     e = sub.add_parser("encode", help="shallow encoder throughput")
-    e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="encoder backend of the --data runs (encoders.throughput.encode_throughput)")
     e.add_argument("--model", default=None, help="model-level run: preset, minilm-shape, MINILM or a folder")
     e.add_argument("--k", type=int, default=6)
     e.add_argument("--tokens", type=int, default=32, help="tokens per atom (model-level and random texts)")
@@ -863,8 +864,8 @@ def run_train(args: argparse.Namespace) -> list[Path]:
 
 
 def run_encode(cfg: Config, args: argparse.Namespace) -> list[Path]:
-    if args.backend == "vllm":
-        raise NotImplementedError("bench encode --backend vllm: bahe_ray.encoders.vllm has no encode_throughput yet")
+    if args.backend == "vllm" and (args.model or args.texts):
+        raise ValueError("bench encode --backend vllm measures --data sources only (--model and --texts are transformers)")
     device = resolve_device(args.device)
     result: Result = {"bench": "encode", "env": environment(device), "backend": args.backend}
     if args.model:
@@ -886,7 +887,9 @@ def run_encode(cfg: Config, args: argparse.Namespace) -> list[Path]:
                     result["texts"].append(bench_encode_texts(encoder, texts, batch_size))
                 del encoder
                 free_memory(device)
-        result["sources"] = [bench_encode_source(cfg, source, args.events, tmp, device) for source in args.data]
+        result["sources"] = [
+            bench_encode_source(cfg, source, args.events, tmp, device, args.backend) for source in args.data
+        ]
         result["encoder"] = cfg.encoder.model_dump(mode="json") if args.data else None
     name = args.name or f"encode-{device.split(':')[0]}"
     path = write_result(result, args.out, name)

@@ -115,5 +115,5 @@ def test_cli_bench_train_and_encode(tmp_path: Path) -> None:
             "--sides", "bahe", "--atoms", "50", "--device", "cpu", "--out", str(tmp_path)]
     assert cli_main(["bench", "train", *args]) == 0
     assert (tmp_path / "train-minilm-shape-cpu.json").is_file() and (tmp_path / "train-minilm-shape-cpu.png").is_file()
-    with pytest.raises(NotImplementedError, match="vllm"):
-        cli_main(["bench", "encode", "--backend", "vllm", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="vllm"):
+        cli_main(["bench", "encode", "--backend", "vllm", "--model", "minilm-shape", "--out", str(tmp_path)])

@@ -85,23 +85,33 @@ def bahe_batch(arrays: SampleArrays, vectors: VectorSource, device: str | torch.
     """
     width = used_width(arrays.hist_mask)
     hist_ids, hist_mask = arrays.hist_ids[:, :, :width], arrays.hist_mask[:, :, :width]
+    rows = len(arrays)
+    # Rows with the same history (a user's candidates when serving) run the deep layers once.
+    keys = np.concatenate([hist_ids.reshape(rows, -1), hist_mask.reshape(rows, -1)], axis=1)
+    _, first, user_index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    shared = len(first) < rows
+    if shared:
+        hist_ids, hist_mask = hist_ids[first], hist_mask[first]
     b, f, n = hist_ids.shape
     real = hist_ids[hist_mask]
     found_vectors, found = vectors.lookup_with_mask(np.concatenate([real, arrays.item_ids]))
     if not found.all():
         missing_hist, missing_items = int((~found[: real.size]).sum()), int((~found[real.size :]).sum())
         raise MissingVectorsError(
-            f"{missing_hist} of {real.size} behaviours and {missing_items} of {b} items have no stored vector "
+            f"{missing_hist} of {real.size} behaviours and {missing_items} of {rows} items have no stored vector "
             "(run `bahe encode` over these logs)"
         )
     d = found_vectors.shape[-1]
     hist = np.zeros((b, f, n, d), dtype=np.float32)
     hist[hist_mask] = found_vectors[: real.size]
-    return {
+    batch = {
         "hist": torch.from_numpy(hist).to(device),
         "hist_mask": torch.from_numpy(np.ascontiguousarray(hist_mask)).to(device),
         "item": torch.from_numpy(np.ascontiguousarray(found_vectors[real.size :], dtype=np.float32)).to(device),
     }
+    if shared:
+        batch["user_index"] = torch.from_numpy(user_index.reshape(-1).astype(np.int64)).to(device)
+    return batch
 
 
 class TokenCache:

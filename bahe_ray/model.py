@@ -8,6 +8,8 @@ concat(F user-field vectors, item vector). B samples, F behaviour fields:
                                         counted over real behaviours, so alignment is free)
             hist_mask (B, F, N) bool    True at real behaviours (a field may have none)
             item (B, d) float           stored vector of the candidate item's text
+            user_index (B,) long        optional: sample b uses history row user_index[b] (then
+                                        hist has U <= B rows; a user's candidates share one)
   TokenCTR  hist_input_ids (B, F, T) long, hist_attention_mask (B, F, T)   see tokenize_histories
             item_input_ids (B, Ti) long, item_attention_mask (B, Ti)
   IdCTR     hist_ids (B, F, N) int64 atom ids, hist_mask (B, F, N) bool, item_ids (B,) int64
@@ -123,8 +125,11 @@ class BaheCTR(_BackboneCTR):
         if fields is not None:
             x = x + fields
         users = self.aggregate(x, mask.reshape(b * f, n)).view(b, f, d)
-        item_mask = torch.ones(b, 1, dtype=torch.bool, device=hist.device)
-        item = self.aggregate(batch["item"].to(dtype)[:, None, :], item_mask)
+        if "user_index" in batch:  # several samples share one history row
+            users = users[batch["user_index"]]
+        items = batch["item"]
+        item_mask = torch.ones(items.shape[0], 1, dtype=torch.bool, device=items.device)
+        item = self.aggregate(items.to(dtype)[:, None, :], item_mask)
         return self.head(users, item)
 
 

@@ -99,13 +99,14 @@ def test_token_batch_equals_tokenize_histories(model: str, request: pytest.Fixtu
 class DictVectors:
     """A VectorSource over a dict, as the Serve scorer would pass (store + fresh encodings)."""
 
-    def __init__(self, vectors: dict[int, np.ndarray]) -> None:
+    def __init__(self, vectors: dict[int, np.ndarray], dim: int = 3) -> None:
         self.vectors = vectors
+        self.dim = dim
 
     def lookup_with_mask(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         found = np.array([int(i) in self.vectors for i in ids.reshape(-1)], dtype=bool).reshape(ids.shape)
-        out = np.stack([self.vectors.get(int(i), np.zeros(3, np.float32)) for i in ids.reshape(-1)])
-        return out.reshape(*ids.shape, 3), found
+        out = np.stack([self.vectors.get(int(i), np.zeros(self.dim, np.float32)) for i in ids.reshape(-1)])
+        return out.reshape(*ids.shape, self.dim), found
 
 
 def test_bahe_batch_reads_vectors_of_real_behaviours_only() -> None:
@@ -119,6 +120,26 @@ def test_bahe_batch_reads_vectors_of_real_behaviours_only() -> None:
     missing = sample_arrays(history_table([[[1, 99], [98]], [[4], []]], [5, 97]), FIELDS, max_behaviors=10)
     with pytest.raises(MissingVectorsError, match="2 of 4 behaviours and 1 of 2 items"):
         bahe_batch(missing, vectors)
+
+
+def test_shared_histories_run_once_with_identical_scores(minilm_path: Path) -> None:
+    """A user's candidates share one history row (serving); the scores equal one row per sample."""
+    from bahe_ray.config import ModelConfig
+    from bahe_ray.encoders.split import Backbone
+    from bahe_ray.model import BaheCTR
+
+    torch.manual_seed(0)
+    d = 384
+    vectors = DictVectors({i: np.random.default_rng(i).normal(size=d).astype(np.float32) for i in range(1, 12)}, d)
+    arrays = sample_arrays(history_table([[[1, 2], [3]], [[1, 2], [3]], [[4], [5]], [[1, 2], [3]]], [6, 7, 8, 9]),
+                           FIELDS, max_behaviors=10)
+    shared = bahe_batch(arrays, vectors)
+    assert shared["hist"].shape[0] == 2 and shared["user_index"].tolist() == [0, 0, 1, 0]
+    model = BaheCTR(Backbone.load(minilm_path), 2, len(FIELDS), ModelConfig()).eval()
+    expanded = {"hist": shared["hist"][shared["user_index"]], "hist_mask": shared["hist_mask"][shared["user_index"]],
+                "item": shared["item"]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(shared), model(expanded), rtol=1e-5, atol=1e-5)
 
 
 def test_gauc_is_the_impression_weighted_per_user_auc() -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,11 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     return bench_main(cfg, args.bench_args)
 
 
+def invocation() -> str:
+    """This process's command line, for reports (program name without its folder)."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def ensure_samples(cfg: Config) -> None:
     """Build the sample table (with Ray) unless one with the configured fields and N exists."""
     from bahe_ray.samples import build_configured_samples, read_summary
@@ -115,7 +121,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from bahe_ray.train import train_local, train_ray
 
     ensure_samples(cfg)
-    command = " ".join(["bahe", *sys.argv[1:]])
+    command = invocation()
     if args.no_ray:
         report = train_local(cfg, command)
     else:
@@ -144,7 +150,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     from bahe_ray.train import compare
 
     ensure_samples(cfg)
-    command = " ".join(["bahe", *sys.argv[1:]])
+    command = invocation()
     table = compare(args.config, args.overrides, cfg.train.output_dir, not args.no_ray, command)
     print((Path(cfg.train.output_dir) / "compare.md").read_text())
     return 0 if table["rows"] else 1

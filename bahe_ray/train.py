@@ -323,9 +323,10 @@ def initial_model(kind: ModelKind, cfg: Config) -> nn.Module:
     seed_everything(cfg.train.seed)
     model = build_model(kind, cfg)
     if cfg.train.resume_from:
+        previous = read_meta(cfg.train.resume_from, cfg.storage)
+        if previous.model_kind != kind:
+            raise ValueError(f"train.resume_from holds a {previous.model_kind!r} model, not {kind!r}")
         meta = load_weights(cfg.train.resume_from, model, cfg.storage)
-        if meta.model_kind != kind:
-            raise ValueError(f"train.resume_from is a {meta.model_kind} checkpoint, not {kind}")
         log.info("warm start from %s (epoch %d)", cfg.train.resume_from, meta.epoch)
     return model
 

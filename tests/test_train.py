@@ -27,7 +27,7 @@ from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, sampl
 from bahe_ray.model import tokenize_histories
 from bahe_ray.samples import build_configured_samples, read_split_table
 from bahe_ray.train import (
-    FAIL_ONCE_ENV, TableSource, evaluate_checkpoint, fit, gauc, make_optimizer, train_local, train_ray,
+    FAIL_ONCE_ENV, TableSource, evaluate_checkpoint, fit, gauc, initial_model, make_optimizer, train_local, train_ray,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +203,15 @@ def test_checkpoint_roundtrip_and_corruption_is_refused(tmp_path: Path) -> None:
     (folder / META_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="missing checkpoint.json"):
         load_checkpoint(str(folder))
+
+
+def test_warm_start_takes_the_previous_weights(tmp_path: Path) -> None:
+    previous, cfg = small_id_checkpoint(tmp_path / "yesterday")
+    warm = initial_model("id", with_overrides(cfg, [f"train.resume_from={tmp_path / 'yesterday'}", "train.seed=5"]))
+    for key, value in previous.state_dict().items():
+        assert torch.equal(warm.state_dict()[key], value)
+    with pytest.raises(ValueError, match="holds a 'id' model, not 'bahe'"):
+        initial_model("bahe", with_overrides(cfg, [f"train.resume_from={tmp_path / 'yesterday'}"]))
 
 
 def test_optimizer_state_roundtrips_through_safetensors_on_s3(s3_server) -> None:

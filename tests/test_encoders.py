@@ -117,3 +117,18 @@ def test_truncated_checkpoint_gives_same_vectors(model: str, request: pytest.Fix
     full = TransformersEncoder(EncoderConfig(model=str(path), k=k)).encode(TEXTS)
     truncated = TransformersEncoder(EncoderConfig(model=str(out), k=k)).encode(TEXTS)
     np.testing.assert_array_equal(truncated, full)
+
+
+def test_token_matrix_matches_token_ids_with_and_without_pad_token(minilm_path: Path) -> None:
+    """The encoder's padded-matrix tokenisation gives exactly `token_ids`' tokens (vLLM is fed those)."""
+    from transformers import AutoTokenizer
+
+    from bahe_ray.encoders.split import token_ids, token_matrix
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
+    texts = ["rated 5/5: Toy Story (1995) | Animation, Children's, Comedy", "a", "word " * 100]
+    want = token_ids(tokenizer, texts, 16)
+    for pad in (tokenizer.pad_token, None):  # None: tokenizers without a pad token take the list path
+        tokenizer.pad_token = pad
+        ids, lengths = token_matrix(tokenizer, texts, 16)
+        assert [ids[i, :n].tolist() for i, n in enumerate(lengths)] == want

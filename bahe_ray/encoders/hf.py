@@ -9,13 +9,15 @@ padding masked), which is what vLLM does per prompt, so the vLLM backend must to
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
 from bahe_ray.config import EncoderConfig
 from bahe_ray.encoders import default_device, encoder_fingerprint, resolve_model_path
-from bahe_ray.encoders.split import Backbone, pad_token_ids, pool_hidden, positions_from_mask, token_ids
+from bahe_ray.encoders.split import Backbone, pool_hidden, positions_from_mask, to_device, token_matrix
 
 
 def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
@@ -36,9 +38,16 @@ def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]
 
 
 class TransformersEncoder:
-    """ShallowEncoder on plain transformers (CPU or GPU): fp32 on CPU, bf16 on GPU under dtype="auto"."""
+    """ShallowEncoder on plain transformers (CPU or GPU): fp32 on CPU, bf16 on GPU under dtype="auto".
 
-    def __init__(self, cfg: EncoderConfig, device: str | None = None, max_batch_tokens: int = 16384) -> None:
+    Texts are tokenised in chunks on a helper thread (the fast tokenizer releases the GIL) while
+    the previous chunk's micro-batches run, and results stay on the device until the end, so on
+    a GPU tokenisation, padding and copies overlap the layers instead of following them.
+    """
+
+    chunk_texts = 8192  # texts tokenised per step of the pipeline
+
+    def __init__(self, cfg: EncoderConfig, device: str | None = None, max_batch_tokens: int | None = None) -> None:
         self.device = device or default_device()
         self.fingerprint = encoder_fingerprint(cfg, self.device)
         path = resolve_model_path(cfg.model)
@@ -50,24 +59,45 @@ class TransformersEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
         self.cfg = cfg
         self.dim: int = backbone.hidden_size
-        self.max_batch_tokens = max_batch_tokens
+        # Padded tokens per micro-batch: small on CPU (cache-friendly), large on GPU (occupancy).
+        self.max_batch_tokens = max_batch_tokens or (16_384 if self.device == "cpu" else 131_072)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         """Pooled layer-k vectors, (n, dim) float32, in input order."""
-        ids = token_ids(self.tokenizer, list(texts), self.cfg.max_tokens) if texts else []
-        empty = [i for i, seq in enumerate(ids) if not seq]
-        if empty:
-            raise ValueError(f"texts at {empty[:5]} have no tokens")
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for batch in length_batches([len(seq) for seq in ids], self.max_batch_tokens):
-            out[batch] = self._encode_batch([ids[i] for i in batch])
-        return out
+        texts = list(texts)
+        chunks = [texts[i : i + self.chunk_texts] for i in range(0, len(texts), self.chunk_texts)]
+        if not chunks:
+            return np.empty((0, self.dim), dtype=np.float32)
+        results: list[torch.Tensor] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tokenised = pool.submit(self._tokenize, chunks[0], 0)
+            for number in range(len(chunks)):
+                ids = tokenised.result()
+                if number + 1 < len(chunks):
+                    tokenised = pool.submit(self._tokenize, chunks[number + 1], (number + 1) * self.chunk_texts)
+                results.append(self._encode_chunk(ids))
+        return torch.cat(results).cpu().numpy()
 
-    def _encode_batch(self, seqs: list[list[int]]) -> np.ndarray:
-        input_ids, mask = pad_token_ids(seqs, self.device)
-        positions = positions_from_mask(mask)
-        hidden = self.backbone.embed(input_ids, positions)
-        hidden = self.backbone.run_layers(hidden, mask, 0, self.cfg.k, positions)
-        pooled = pool_hidden(self.backbone.final_norm(hidden), mask, self.cfg.pooling)
-        return pooled.cpu().numpy()
+    def _tokenize(self, texts: list[str], offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """(right-padded ids, lengths) of one chunk; `offset` names texts in errors by input position."""
+        ids, lengths = token_matrix(self.tokenizer, texts, self.cfg.max_tokens)
+        empty = np.flatnonzero(lengths == 0)
+        if empty.size:
+            raise ValueError(f"texts at {(empty[:5] + offset).tolist()} have no tokens")
+        return ids, lengths
+
+    def _encode_chunk(self, tokens: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        """Queue one chunk's micro-batches; returns its (n, dim) float32 vectors on the device."""
+        ids, lengths = tokens
+        out = torch.empty(len(ids), self.dim, dtype=torch.float32, device=self.device)
+        for batch in length_batches(lengths.tolist(), self.max_batch_tokens):
+            rows = np.asarray(batch)
+            width = int(lengths[rows].max())
+            input_ids = to_device(ids[rows, :width], self.device)
+            mask = to_device(np.arange(width)[None, :] < lengths[rows, None], self.device)
+            positions = positions_from_mask(mask)
+            hidden = self.backbone.embed(input_ids, positions)
+            hidden = self.backbone.run_layers(hidden, mask, 0, self.cfg.k, positions)
+            out[to_device(rows, self.device)] = pool_hidden(self.backbone.final_norm(hidden), mask, self.cfg.pooling)
+        return out

@@ -20,6 +20,8 @@ Sliding-window attention is not modelled: the masks built here are full (causal)
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import os
 import re
@@ -28,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -113,15 +116,46 @@ def token_ids(
         tokenizer.truncation_side = previous
 
 
+def token_matrix(tokenizer: Any, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`token_ids` as a right-padded matrix straight from the fast tokenizer: (ids (n, W), lengths (n,)).
+
+    The same tokens as `token_ids(..., side="right")`, without building Python lists per text
+    (a tokenizer without a pad token, e.g. Llama 3's, takes the list path).
+    """
+    if tokenizer.pad_token_id is None:
+        return right_pad(token_ids(tokenizer, texts, max_length))
+    saved = tokenizer.truncation_side, tokenizer.padding_side
+    tokenizer.truncation_side, tokenizer.padding_side = "right", "right"
+    try:
+        out = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="np")
+    finally:
+        tokenizer.truncation_side, tokenizer.padding_side = saved
+    return out["input_ids"].astype(np.int64), out["attention_mask"].sum(axis=1).astype(np.int64)
+
+
+def to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
+    """A host array on `device`; pinned and asynchronous on CUDA, so it overlaps queued GPU work."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def pad_token_ids(seqs: list[list[int]], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """Right-pad token lists into (ids, mask) tensors; the pad id is 0 (masked, never read)."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = True
-    return ids.to(device), mask.to(device)
+    ids, lengths = right_pad(seqs)
+    return to_device(ids, device), to_device(np.arange(ids.shape[1])[None, :] < lengths[:, None], device)
+
+
+def right_pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids (n, W) padded with 0 on the right, lengths (n,))."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    width = int(lengths.max()) if len(seqs) else 0
+    ids = np.zeros((len(seqs), width), dtype=np.int64)
+    ids[np.arange(width)[None, :] < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum())
+    )
+    return ids, lengths
 
 
 class Backbone(nn.Module):

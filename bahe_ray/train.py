@@ -597,6 +597,10 @@ def train_ray(cfg: Config, command: str = "") -> dict[str, Any]:
         storage_fs, storage_path = arrow_filesystem(tc.output_dir, cfg.storage)
     else:
         storage_fs, storage_path = None, os.path.abspath(tc.output_dir)
+    # Blocks in file order (Ray Data's default follows task completion): the same seed then reads
+    # the same rows in the same order, so a resumed epoch re-reads what the failed attempt read.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "fail_once": os.environ.get(FAIL_ONCE_ENV)},
@@ -612,7 +616,7 @@ def train_ray(cfg: Config, command: str = "") -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(checkpoint_score_attribute="val_auc", checkpoint_score_order="max"),
         ),
         datasets={split: read_split(cfg.samples.path, split, cfg.storage) for split in ("train", "val")},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:

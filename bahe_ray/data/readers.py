@@ -36,6 +36,8 @@ def parse_jsonl(data: bytes, source: str) -> tuple[list[Any], list[dict[str, str
             rows.append(json.loads(text))
         except json.JSONDecodeError as err:
             rejects.append(reject_row(source, f"row: not valid JSON (line {number}: {err.msg})", text))
+        except (ValueError, RecursionError) as err:  # a number over int_max_str_digits; nesting too deep
+            rejects.append(reject_row(source, f"row: not valid JSON (line {number}: {str(err)[:80]})", text))
     return rows, rejects
 
 

@@ -2,7 +2,8 @@
 
 Behaviour events: `user_id, ts, field, text`; impressions: `user_id, ts, item_id, item_text, label`.
 
-- `user_id`, `item_id`: string, or an integer (stored as its decimal string).
+- `user_id`, `item_id`: string, or an integer (stored as its decimal string); at most 256 characters.
+- Every string is valid UTF-8 (undecodable input bytes are named by field, never stored).
 - `ts`: seconds since the Unix epoch (integer, integral float, digit string, ISO-8601 string or
   an Arrow timestamp); must lie in [1970-01-01, 2200-01-01).
 - `field`: a non-empty behaviour field name (at most 64 characters), e.g. "purchase".
@@ -30,6 +31,7 @@ from bahe_ray.atoms import atom_ids, normalize_text
 
 MAX_TS = int(dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc).timestamp())
 MAX_FIELD_CHARS = 64
+MAX_ID_CHARS = 256
 MAX_RAW_CHARS = 2_000  # of a rejected row's JSON, kept for inspection
 
 EVENTS_SCHEMA = pa.schema(
@@ -57,13 +59,24 @@ def _missing(name: str, value: Any) -> None:
         raise RowError(f"{name}: missing")
 
 
+def _utf8(name: str, text: str) -> str:
+    """`text`, if it encodes as UTF-8 (lone surrogates mark undecodable input bytes: surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError(f"{name}: not valid UTF-8") from None
+    return text
+
+
 def parse_id(name: str, value: Any) -> str:
     _missing(name, value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RowError(f"{name}: expected a string or integer (got {type(value).__name__})")
-    text = str(value).strip()
+    text = _utf8(name, str(value).strip())
     if not text:
         raise RowError(f"{name}: empty")
+    if len(text) > MAX_ID_CHARS:
+        raise RowError(f"{name}: longer than {MAX_ID_CHARS} characters ({len(text)})")
     return text
 
 
@@ -100,7 +113,7 @@ def parse_field(value: Any) -> str:
     _missing("field", value)
     if not isinstance(value, str):
         raise RowError(f"field: expected a string (got {type(value).__name__})")
-    name = value.strip()
+    name = _utf8("field", value.strip())
     if not name:
         raise RowError("field: empty")
     if len(name) > MAX_FIELD_CHARS:
@@ -117,11 +130,7 @@ def parse_text(name: str, value: Any, max_chars: int) -> str:
             raise RowError(f"{name}: not valid UTF-8") from None
     if not isinstance(value, str):
         raise RowError(f"{name}: expected a string (got {type(value).__name__})")
-    try:
-        value.encode("utf-8")  # lone surrogates mark undecodable bytes (surrogateescape)
-    except UnicodeEncodeError:
-        raise RowError(f"{name}: not valid UTF-8") from None
-    text = normalize_text(value)
+    text = normalize_text(_utf8(name, value))
     if not text:
         raise RowError(f"{name}: empty")
     if len(text) > max_chars:

@@ -45,6 +45,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bahe_ray.atoms import atom_ids, normalize_text
@@ -64,13 +65,23 @@ _REPLICA_RETRIES = 2  # scoring is idempotent: retry a call whose replica died u
 # ---- request and response schema -------------------------------------------------------------
 
 
+def _utf8(text: str) -> str:
+    """Refuse lone surrogates (JSON escapes such as \\ud800): not text, and they cannot be encoded in a reply."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8 (a lone surrogate escape)") from None
+    return text
+
+
 def _normalized(text: str) -> str:
-    out = normalize_text(text)
+    out = normalize_text(_utf8(text))
     if not out:
         raise ValueError("text is empty after whitespace normalisation")
     return out
 
 
+Utf8Str = Annotated[str, AfterValidator(_utf8)]
 BehaviorText = Annotated[str, AfterValidator(_normalized)]
 AtomId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
@@ -84,7 +95,7 @@ class _Body(BaseModel):
 class Candidate(_Body):
     """One item to score: its text (encoded online if the store lacks it) or its atom id."""
 
-    item_id: str = Field(min_length=1)
+    item_id: Utf8Str = Field(min_length=1)
     text: BehaviorText | None = None
     atom_id: AtomId | None = None
 
@@ -103,10 +114,10 @@ class ScoreRequest(_Body):
     field, the most recent N are kept.
     """
 
-    behaviors: dict[str, list[BehaviorText]] = {}
-    behavior_ids: dict[str, list[AtomId]] = {}
+    behaviors: dict[Utf8Str, list[BehaviorText]] = {}
+    behavior_ids: dict[Utf8Str, list[AtomId]] = {}
     candidates: list[Candidate] = Field(min_length=1)
-    request_id: str | None = None
+    request_id: Utf8Str | None = None
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -229,6 +240,17 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400 if errors[0].type == "json_invalid" else 422, errors)
 
 
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's own errors as ErrorBody: 404 (path), 405 (method), and 400 for a body
+    that fails to decode other than by a JSON syntax error (invalid UTF-8, nesting too deep, an
+    integer of more than 4300 digits)."""
+    assert isinstance(exc, HTTPException)
+    field = {404: "path", 405: "method"}.get(exc.status_code, "body")
+    cause = exc.__cause__
+    message = str(exc.detail) if cause is None else f"not decodable as JSON ({type(cause).__name__}: {str(cause)[:100]})"
+    return error_response(exc.status_code, [FieldError.at(field, message, "http_error")], exc.headers)
+
+
 async def _request_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestError)
     return error_response(exc.status, [FieldError.at(exc.field, exc.message, "invalid")])
@@ -306,6 +328,7 @@ def make_api(scorer: DeploymentHandle, limits: ServeConfig) -> FastAPI:
     )
     api.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
     api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(HTTPException, _http_error)
     api.add_exception_handler(RequestError, _request_error)
     for lost in (RayActorError, ActorUnavailableError):
         api.add_exception_handler(lost, _replica_lost)

@@ -1,15 +1,18 @@
-"""Malformed and hostile HTTP requests to the real Serve app (test_serve.py's fixtures: serve_configs/local.yaml,
-a MiniLM BAHE checkpoint, limits of 50 candidates, 20 behaviours per field, 300 characters, 20,000 bytes).
+"""The real Serve app (test_serve.py's fixtures: serve_configs/local.yaml, a MiniLM BAHE checkpoint, a Scorer
+taking 8 requests and queueing 8, limits of 50 candidates, 20 behaviours per field, 300 characters,
+20,000 bytes) under malformed, hostile and excess requests.
 
-Each of the cases below differs from test_serve.py's 32 (test_bad_requests_get_4xx_naming_the_field):
+Each malformed case below differs from test_serve.py's 32 (test_bad_requests_get_4xx_naming_the_field):
 every one gets a 4xx whose body names the field, never a 500, and a good request sent after each
 still gets its exact scores. Injection-looking values are valid requests: answered, echoed verbatim,
-never interpreted. Overload (503 + Retry-After), a killed Scorer replica (at most the 3 in-flight
-requests fail, all with 503) and the 413 body limit are covered in test_serve.py.
+never interpreted. Requests shed with 503 lose nothing: retried after Retry-After, every one is
+answered. test_serve.py covers the shedding itself, a killed Scorer replica (at most the 3
+in-flight requests fail, all with 503) and the 413 body limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -17,6 +20,9 @@ import httpx
 import pytest
 
 from test_serve import World, client, good_request, score, url, world  # noqa: F401 - fixtures
+
+BURST = 60  # concurrent requests, over 3x what the Scorer takes and queues (16)
+MAX_ATTEMPTS = 30
 
 JSON = {"content-type": "application/json"}
 
@@ -140,3 +146,32 @@ def test_injection_looking_values_are_inert(client: httpx.Client, world: World, 
     assert out["request_id"] == body["request_id"]
     assert out["atoms_encoded"] == (len(hostile) if where in ("text", "behaviour") else 0)
     assert all(0 < s["score"] < 1 for s in out["scores"])
+
+
+def test_shed_requests_retried_after_retry_after_all_succeed(url: str, world: World,  # noqa: F811
+                                                              client: httpx.Client) -> None:  # noqa: F811
+    body = good_request(world, 8, candidates=40)
+    expected = score(client, body)["scores"]
+
+    async def until_answered(c: httpx.AsyncClient) -> tuple[httpx.Response, list[int]]:
+        codes = []
+        for _ in range(MAX_ATTEMPTS):
+            response = await c.post("/v1/score", json=body)
+            codes.append(response.status_code)
+            if response.status_code != 503:
+                break
+            await asyncio.sleep(float(response.headers["retry-after"]))
+        return response, codes
+
+    async def burst() -> list[tuple[httpx.Response, list[int]]]:
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=BURST)) as c:
+            return await asyncio.gather(*(until_answered(c) for _ in range(BURST)))
+
+    results = asyncio.run(burst())
+    codes = [code for _, attempts in results for code in attempts]
+    shed = sum(attempts[0] == 503 for _, attempts in results)
+    print(f"{BURST} requests: {shed} shed on the first attempt, {codes.count(503)} 503s in all, "
+          f"at most {max(len(a) for _, a in results)} attempts")
+    assert set(codes) <= {200, 503}, codes
+    assert shed > 0, "the burst was not over capacity"
+    assert all(r.status_code == 200 and r.json()["scores"] == expected for r, _ in results)

@@ -85,7 +85,7 @@ def test_no_unsafe_deserialisation_in_the_library() -> None:
                 problems.append(line)
             if is_true(keyword(call, "trust_remote_code")):
                 problems.append(f"{line} with trust_remote_code=True")
-            if name.startswith("AutoModel") and name.endswith(".from_pretrained"):
+            if ".AutoModel" in f".{name}" and name.endswith(".from_pretrained"):
                 if not is_true(keyword(call, "use_safetensors")):
                     problems.append(f"{line} without use_safetensors=True")
     assert not problems, problems

@@ -164,6 +164,24 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.workflow import run_demo
+
+    init_ray(cfg)
+    print(run_demo(cfg).format(cfg))
+    return 0
+
+
+def cmd_daily_update(cfg: Config, args: argparse.Namespace) -> int:
+    from bahe_ray.workflow import daily_update
+
+    init_ray(cfg)
+    result = daily_update(cfg, args.day_events, args.day_impressions)
+    print(json.dumps(result, indent=2, default=str))
+    write_json(args.report_json, result)
+    return 0
+
+
 def cmd_show_config(cfg: Config, args: argparse.Namespace) -> int:
     print(dump_config(cfg))
     return 0
@@ -205,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("compare", cmd_compare, "train bahe, token and id on the same split; table of AUC, time, memory")
     p.add_argument("--no-ray", action="store_true", help="train without Ray (the sample table must exist)")
     command("serve", cmd_serve, "serve CTR scores over HTTP (Ray Serve) on serve.host:serve.port until Ctrl-C")
+    command("demo", cmd_demo, "the local default end to end: encode, samples, train, evaluate, serve a request")
+    p = command("daily-update", cmd_daily_update,
+                "encode a new day's logs, rebuild samples over all logs, warm-start training from the last best")
+    p.add_argument("--day-events", required=True, help="the new day's behaviour events (file or folder)")
+    p.add_argument("--day-impressions", default=None, help="the new day's impressions (file or folder)")
+    p.add_argument("--report-json", default=None, help="also write the result here")
     command("config", cmd_show_config, "print the resolved configuration")
     return parser
 

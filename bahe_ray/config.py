@@ -7,6 +7,7 @@ keys are errors, so a typo in a profile fails at load time with the field's dott
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,7 +183,30 @@ class Config(_Section):
     def _check(self) -> Config:
         if self.data.source == "files" and not self.data.events_path:
             raise ValueError("data.events_path: required when data.source is 'files'")
+        self._absolute_paths()
         return self
+
+    def _absolute_paths(self) -> None:
+        """Make relative local paths absolute (against the working directory of whoever builds the
+        config), so Ray workers, which run in other directories, read and write the same files."""
+        for section, names in _PATH_FIELDS.items():
+            owner = self if section == "" else getattr(self, section)
+            for name in names:
+                value = getattr(owner, name)
+                if value and "://" not in value and not os.path.isabs(value):
+                    setattr(owner, name, os.path.abspath(value))
+
+
+# Local paths that `Config` makes absolute (section "" is the top level).
+_PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "": ("rejects_path",),
+    "data": ("events_path", "impressions_path", "movielens_path", "prepared_path", "cache_dir"),
+    "encoder": ("cache_dir",),
+    "store": ("path",),
+    "samples": ("path",),
+    "train": ("output_dir", "resume_from"),
+    "serve": ("checkpoint",),
+}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -16,17 +16,31 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 
 from bahe_ray.config import Config
+from bahe_ray.data import movielens
 from bahe_ray.encode import EncodeSummary, run_encode
 from bahe_ray.encoders.hf import TransformersEncoder
 from bahe_ray.store import EmbeddingStore
 from fault_helpers import CuttableProxy
-from test_encode import expected_unique, make_config, ml_files  # noqa: F401 - ml_files is a fixture
+from test_encode import REPO, expected_unique, make_config
 
 OUTAGE_S = 5.0
+USERS = 3  # 729 atoms: 23 parts of 32, each committed on its own
+
+
+@pytest.fixture(scope="module")
+def ml_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Real MovieLens-100K rows of the first users as parquet files (test_encode.py's fixture, fewer users)."""
+    root = tmp_path_factory.mktemp("ml")
+    events, impressions = movielens.to_tables(movielens.load_ratings(None, REPO / "outputs" / "cache"), max_users=USERS)
+    for name, table in (("events", events), ("impressions", impressions)):
+        (root / name).mkdir()
+        pq.write_table(table, root / name / "part-0.parquet")
+    return {"events": str(root / "events"), "impressions": str(root / "impressions")}
 
 
 def manifest_count(endpoint: str, bucket: str) -> int:
@@ -52,7 +66,7 @@ class EncodeInThread:
 
 
 def test_s3_outage_while_committing_then_rerun(ray_local: None, s3_server, tmp_path: Path,
-                                               ml_files: dict[str, str]) -> None:  # noqa: F811
+                                               ml_files: dict[str, str]) -> None:
     direct = s3_server.endpoint
     bucket = s3_server.new_bucket()
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": direct})
@@ -62,7 +76,7 @@ def test_s3_outage_while_committing_then_rerun(ray_local: None, s3_server, tmp_p
     proxy.start()
     cfg = make_config(tmp_path, {"events": f"{bucket}/logs/events", "impressions": f"{bucket}/logs/impressions"}, **{
         "store.path": f"{bucket}/store", "rejects_path": f"{bucket}/rejects", "storage.endpoint_url": proxy.endpoint,
-        "store.commit_every_parts": "1", "encoder.batch_size": "16",
+        "store.commit_every_parts": "1", "encoder.batch_size": "32",
     })
     unique = expected_unique(ml_files)
 
@@ -72,6 +86,7 @@ def test_s3_outage_while_committing_then_rerun(ray_local: None, s3_server, tmp_p
         assert job.thread.is_alive() and time.time() < deadline, f"no commit before the outage ({job.error!r})"
         time.sleep(0.05)
     proxy.cut()
+    assert job.thread.is_alive(), "the job ended before the outage"
     cut_at = manifest_count(direct, bucket[5:])
     time.sleep(OUTAGE_S)
     proxy.restore()

@@ -1,10 +1,10 @@
 """Ray Train: a worker process SIGKILLed in the middle of epoch 2 resumes from the epoch-1 checkpoint
 and ends with the metrics of an uninterrupted run with the same seed.
 
-Setup: test_train.py's `ml` fixture (six real MovieLens users, MiniLM split at k=4, 128 training
-samples per epoch in batches of 32, 2 epochs), one Ray Train worker. The kill comes from inside the
-worker: its training batches pass through `KillOnce`, which SIGKILLs the worker's own process before
-step 3 of epoch 2 if a marker file exists (deleting it first, so it happens once). The injected
+Setup: test_train.py's `ml` fixture (six real MovieLens users, MiniLM split at k=4), 64 training
+samples per epoch in batches of 32, 2 epochs, one Ray Train worker. The kill comes from inside the
+worker: its training batches pass through `KillOnce`, which SIGKILLs the worker's own process after
+the first step of epoch 2 if a marker file exists (deleting it first, so it happens once). The injected
 `_ray_worker` is the library's, wrapped; nothing else of `train_ray` changes.
 
 The corrupt-checkpoint side: tests/test_train.py::test_checkpoint_roundtrip_and_corruption_is_refused
@@ -36,7 +36,7 @@ from bahe_ray.train import make_optimizer, train_ray
 from test_train import ml  # noqa: F401 - a fixture
 
 KILL_EPOCH = 2
-KILL_BEFORE_STEP = 2  # 0-based: two steps of epoch 2 are trained, then the process dies
+KILL_BEFORE_STEP = 1  # 0-based: one of epoch 2's two steps is trained, then the process dies
 # Metrics that must agree between the interrupted and the uninterrupted run. The resumed epoch
 # starts from the same weights and AdamW state (safetensors, bit-exact), the same per-epoch seed
 # (dropout, shuffle) and the same rows, on the same CPU kernels, so they agree to float32
@@ -85,7 +85,8 @@ def final_metrics(report: dict[str, Any]) -> list[dict[str, float]]:
 
 def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(ml: Config, tmp_path: Path,  # noqa: F811
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    sets = ["train.num_workers=1", "train.cpus_per_worker=1", "train.max_epochs=2", "train.patience=0"]
+    sets = ["train.num_workers=1", "train.cpus_per_worker=1", "train.max_epochs=2", "train.patience=0",
+            "train.max_train_samples=64"]
     reference = train_ray(with_overrides(ml, [*sets, f"train.output_dir={tmp_path / 'reference'}"]), "pytest")
     assert reference["restarts"] == 0
 

@@ -735,16 +735,11 @@ def bench_encode_source(cfg: Config, source: str, events: int, workdir: str | Pa
 
 
 def bench_pipeline(cfg: Config, source: str, events: int, workdir: str | Path) -> Result:
-    """The Ray Data encode job (`run_encode`, local Ray) against a plain loop doing the same work
-    (read, dedup, encode in calls of encoder.batch_size, write parts, commit) in this process."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from bahe_ray.atoms import atom_ids, normalize_column
+    """The Ray Data encode job (`run_encode`, local Ray) against the same job in this process
+    without Ray (`run_encode_local`: read, validate, dedup, encode in calls of encoder.batch_size,
+    write parts, commit)."""
     from bahe_ray.cli import init_ray
-    from bahe_ray.encode import prepare_inputs, run_encode
-    from bahe_ray.encoders import build_encoder
-    from bahe_ray.store import EmbeddingStore
+    from bahe_ray.encode import prepare_inputs, run_encode, run_encode_local
 
     work = Path(workdir)
     cfg = cfg.model_copy(deep=True)
@@ -757,30 +752,17 @@ def bench_pipeline(cfg: Config, source: str, events: int, workdir: str | Path) -
     init_ray(cfg)
     summary = run_encode(cfg)
 
-    start = time.perf_counter()
-    ev, imp = pq.read_table(events_path), pq.read_table(impressions_path) if impressions_path else None
-    chunks = [*ev.column("text").chunks, *(imp.column("item_text").chunks if imp is not None else [])]
-    texts = normalize_column(pa.chunked_array(chunks))
-    ids, first = np.unique(atom_ids(texts.to_pylist()), return_index=True)
-    unique = texts.take(pa.array(first)).to_pylist()
-    encoder = build_encoder(cfg.encoder)
-    store = EmbeddingStore.open(str(work / "plain-store"), encoder.fingerprint, encoder.dim, dtype=cfg.store.dtype)
-    encode_s = 0.0
-    for i in range(0, len(unique), cfg.encoder.batch_size):
-        t0 = time.perf_counter()
-        vectors = encoder.encode(unique[i : i + cfg.encoder.batch_size])
-        encode_s += time.perf_counter() - t0
-        store.add(ids[i : i + cfg.encoder.batch_size], vectors, unique[i : i + cfg.encoder.batch_size])
-    store.commit()
-    plain_s = time.perf_counter() - start
+    plain_cfg = cfg.model_copy(deep=True)
+    plain_cfg.store.path = str(work / "plain-store")
+    plain = run_encode_local(plain_cfg, device="cpu")
     return {
         "bench": "pipeline", "env": environment("cpu"), "source": source, "unique_atoms": summary.unique_atoms,
         "encoder": cfg.encoder.model_dump(mode="json"),
         "ray": {"seconds": summary.seconds, "encoded": summary.encoded,
                 "atoms_per_s": round(summary.encoded / summary.seconds, 1)},
-        "plain": {"seconds": round(plain_s, 3), "encode_seconds": round(encode_s, 3), "encoded": len(unique),
-                  "atoms_per_s": round(len(unique) / plain_s, 1), "torch_threads": torch.get_num_threads()},
-        "ray_over_plain_time": round(summary.seconds / plain_s, 2),
+        "plain": {"seconds": plain.seconds, "encoded": plain.encoded,
+                  "atoms_per_s": round(plain.encoded / plain.seconds, 1), "torch_threads": torch.get_num_threads()},
+        "ray_over_plain_time": round(summary.seconds / plain.seconds, 2),
     }
 
 

@@ -50,10 +50,13 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 def cmd_encode(cfg: Config, args: argparse.Namespace) -> int:
-    from bahe_ray.encode import run_encode
+    from bahe_ray.encode import run_encode, run_encode_local
 
-    init_ray(cfg)
-    summary = run_encode(cfg)
+    if args.no_ray:
+        summary = run_encode_local(cfg)
+    else:
+        init_ray(cfg)
+        summary = run_encode(cfg)
     print(summary.format())
     write_json(args.summary_json, summary.to_dict())
     return 0
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("encode", cmd_encode, "encode new atoms of the configured logs into the embedding store")
     p.add_argument("--summary-json", default=None, help="also write the run summary here")
+    p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (same results)")
     command("data", cmd_data, "prepare the configured input tables (MovieLens / synthetic) as parquet")
     p = command("store", cmd_store, "inspect or check an embedding store")
     p.add_argument("action", choices=["info", "verify", "gc"])

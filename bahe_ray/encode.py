@@ -18,25 +18,26 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-import ray.data
-from ray.data import ActorPoolStrategy
-from ray.data.aggregate import Max, Min, Sum
+import pyarrow.parquet as pq
+from tqdm import tqdm
 from transformers import AutoConfig
 
 from bahe_ray.atoms import unique_atoms
 from bahe_ray.config import Config, EncoderConfig, StorageConfig
 from bahe_ray.data import movielens, synthetic
-from bahe_ray.data.readers import read_rejects, read_table, reject_counts, write_parquet_table
+from bahe_ray.data.readers import ValidateRows, make_dirs, read_rejects, read_table, reject_counts, write_parquet_table
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS, TableKind
-from bahe_ray.encoders import build_encoder, encoder_fingerprint, resolve_model_path
-from bahe_ray.fs import join
+from bahe_ray.encoders import build_encoder, default_device, encoder_fingerprint, resolve_model_path
+from bahe_ray.fs import arrow_filesystem, filesystem, join
 from bahe_ray.store import EmbeddingStore, PartWriter
+
+if TYPE_CHECKING:  # Ray is imported where it is used, so the local path runs without it
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ def _block_atoms(kind: TableKind, count_column: str):
 
 def unique_atom_dataset(events: ray.data.Dataset, impressions: ray.data.Dataset | None, partitions: int) -> ray.data.Dataset:
     """Globally unique atoms: atom_id, text, event_count, impression_count, collision."""
+    from ray.data.aggregate import Max, Min, Sum
+
     parts = events.map_batches(_block_atoms(EVENTS, "event_count"), batch_format="pyarrow")
     if impressions is not None:
         items = impressions.map_batches(_block_atoms(IMPRESSIONS, "impression_count"), batch_format="pyarrow")
@@ -174,6 +177,9 @@ def actor_device(cfg: EncoderConfig) -> str:
 
 def run_encode(cfg: Config) -> EncodeSummary:
     """Run the whole encode job on the current Ray instance and return its summary."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
     start = time.time()
     summary = EncodeSummary(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
     events_path, impressions_path, fmt = prepare_inputs(cfg)
@@ -186,23 +192,11 @@ def run_encode(cfg: Config) -> EncodeSummary:
     partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
     atoms = unique_atom_dataset(events, impressions, partitions).materialize()
 
-    summary.events_valid = int(atoms.sum("event_count") or 0)
-    summary.impressions_valid = int(atoms.sum("impression_count") or 0) if impressions is not None else 0
-    summary.atoms_seen = summary.events_valid + summary.impressions_valid
-    summary.unique_atoms = atoms.count()
-    summary.collisions = int(atoms.sum("collision") or 0) if summary.unique_atoms else 0
-    if summary.collisions:
-        log.error("%d atom ids are shared by different texts; those atoms are not encoded", summary.collisions)
-    rejects = read_rejects(rejects_dir, cfg.storage)
-    summary.rejects = reject_counts(rejects)
-    n_rejected = {name: int(pc.sum(pc.equal(rejects.column("source"), name)).as_py() or 0) for name in ("events", "impressions")}
-    summary.events_read = summary.events_valid + n_rejected["events"]
-    summary.impressions_read = summary.impressions_valid + n_rejected["impressions"]
-
-    fingerprint = encoder_fingerprint(cfg.encoder, actor_device(cfg.encoder))
-    dim = AutoConfig.from_pretrained(resolve_model_path(cfg.encoder.model)).hidden_size
-    summary.fingerprint_id = fingerprint.id
-    store = EmbeddingStore.open(cfg.store.path, fingerprint, dim, storage=cfg.storage, dtype=cfg.store.dtype)
+    unique = atoms.count()
+    count_atoms(summary, cfg, rejects_dir, int(atoms.sum("event_count") or 0) if unique else 0,
+                int(atoms.sum("impression_count") or 0) if unique and impressions is not None else 0,
+                unique, int(atoms.sum("collision") or 0) if unique else 0)
+    store = open_store(cfg, actor_device(cfg.encoder), summary)
     new_atoms = atoms.map_batches(MissingFilter, fn_constructor_args=(store.ids(),), batch_format="pyarrow",
                                   compute=ActorPoolStrategy(size=1)).materialize()
     summary.new_atoms = new_atoms.count()
@@ -216,6 +210,81 @@ def run_encode(cfg: Config) -> EncodeSummary:
     return summary
 
 
+def count_atoms(summary: EncodeSummary, cfg: Config, rejects_dir: str, events_valid: int, impressions_valid: int,
+                unique: int, collisions: int) -> None:
+    """Fill the summary's counts from the atom table and the rejects this run wrote."""
+    summary.events_valid, summary.impressions_valid = events_valid, impressions_valid
+    summary.atoms_seen = events_valid + impressions_valid
+    summary.unique_atoms, summary.collisions = unique, collisions
+    if collisions:
+        log.error("%d atom ids are shared by different texts; those atoms are not encoded", collisions)
+    rejects = read_rejects(rejects_dir, cfg.storage)
+    summary.rejects = reject_counts(rejects)
+    n_rejected = {name: int(pc.sum(pc.equal(rejects.column("source"), name)).as_py() or 0) for name in ("events", "impressions")}
+    summary.events_read = events_valid + n_rejected["events"]
+    summary.impressions_read = impressions_valid + n_rejected["impressions"]
+
+
+def open_store(cfg: Config, device: str, summary: EncodeSummary) -> EmbeddingStore:
+    """The configured store for the encoder's vectors on `device` (created if absent)."""
+    fingerprint = encoder_fingerprint(cfg.encoder, device)
+    dim = AutoConfig.from_pretrained(resolve_model_path(cfg.encoder.model)).hidden_size
+    summary.fingerprint_id = fingerprint.id
+    return EmbeddingStore.open(cfg.store.path, fingerprint, dim, storage=cfg.storage, dtype=cfg.store.dtype)
+
+
+def run_encode_local(cfg: Config, device: str | None = None) -> EncodeSummary:
+    """The encode job in this process without Ray (GPU machines without Ray, the benchmark's
+    baseline): the same validation, rejects, dedup, anti-join, parts and commits as `run_encode`."""
+    start = time.time()
+    device = device or default_device()
+    summary = EncodeSummary(run_id=time.strftime("%Y%m%dT%H%M%S") + "-local-" + uuid.uuid4().hex[:6])
+    events_path, impressions_path, fmt = prepare_inputs(cfg)
+    rejects_dir = join(cfg.rejects_path, summary.run_id)
+    parts = [_block_atoms(EVENTS, "event_count")(validate_local(events_path, EVENTS, fmt, cfg, rejects_dir))]
+    if impressions_path:
+        items = _block_atoms(IMPRESSIONS, "impression_count")(validate_local(impressions_path, IMPRESSIONS, fmt, cfg,
+                                                                             rejects_dir))
+        parts.append(items.select(parts[0].column_names))
+    grouped = pa.concat_tables(parts).group_by("atom_id").aggregate(
+        [("event_count", "sum"), ("impression_count", "sum"), ("text", "min"), ("text", "max")]
+    )
+    collision = pc.not_equal(grouped["text_min"], grouped["text_max"])
+    atoms = pa.table({"atom_id": grouped["atom_id"], "text": grouped["text_min"],
+                      "collision": pc.cast(collision, pa.int8())})
+    count_atoms(summary, cfg, rejects_dir, int(pc.sum(grouped["event_count_sum"]).as_py() or 0),
+                int(pc.sum(grouped["impression_count_sum"]).as_py() or 0), atoms.num_rows,
+                int(pc.sum(collision.cast(pa.int64())).as_py() or 0))
+    store = open_store(cfg, device, summary)
+    new_atoms = MissingFilter(store.ids())(atoms)
+    summary.new_atoms = new_atoms.num_rows
+    encoder = build_encoder(cfg.encoder, device=device, storage=cfg.storage)
+    step = cfg.encoder.batch_size
+    for offset in tqdm(range(0, new_atoms.num_rows, step), desc="encode", unit="batch"):
+        batch = new_atoms.slice(offset, step)
+        texts = batch.column("text").to_pylist()
+        store.add(batch.column("atom_id").to_numpy(), encoder.encode(texts), texts)
+        if len(store.pending) >= cfg.store.commit_every_parts:
+            summary.encoded += store.commit().added
+    summary.encoded += store.commit().added
+    summary.store_version, summary.store_atoms = store.version, store.num_atoms
+    summary.seconds = round(time.time() - start, 2)
+    return summary
+
+
+def validate_local(path: str, kind: TableKind, fmt: str, cfg: Config, rejects_dir: str) -> pa.Table:
+    """All valid rows of one input table read in this process (rejects written as the Ray path does)."""
+    validate = ValidateRows(kind, cfg.data.max_text_chars, rejects_dir, cfg.storage, jsonl=fmt == "jsonl")
+    make_dirs(rejects_dir, cfg.storage)
+    fs, inner = filesystem(path, cfg.storage)
+    files = sorted(f for f in fs.find(inner) if not f.rsplit("/", 1)[-1].startswith((".", "_"))) \
+        if fs.isdir(inner) else [inner]
+    afs, _ = arrow_filesystem(path, cfg.storage)
+    batches = [validate(pa.table({"bytes": [fs.cat_file(f)]}) if fmt == "jsonl" else pq.read_table(f, filesystem=afs))
+               for f in files]
+    return pa.concat_tables(batches) if batches else kind.schema.empty_table()
+
+
 def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStore) -> int:
     """Encode `atoms` (atom_id, text) with the actor pool; commit parts as they arrive.
 
@@ -225,6 +294,8 @@ def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStor
     drops ids already stored, so each atom is stored once. A tensor-parallel actor holds all
     its engine's GPUs (num_gpus_per_actor == tensor_parallel_size).
     """
+    from ray.data import ActorPoolStrategy
+
     enc = cfg.encoder
     parts = atoms.map_batches(
         EncodeAndWrite,

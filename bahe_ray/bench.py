@@ -7,6 +7,8 @@
   bench encode    the shallow encoder's atoms/s and achieved TFLOP/s against a bf16 matmul peak
                   measured in the same run; through `TransformersEncoder.encode` on texts; on real
                   atoms (MovieLens-100K, synthetic events) unique atoms/s and events/s.
+  bench serve     p50 / p99 latency and requests/s of POST /v1/score from concurrent clients on
+                  loopback (`bench_serve.run_serve_benchmark`), against the profile's scorer.
   bench pipeline  the Ray Data encode job (`run_encode`) against a plain loop over the same encoder.
 
 Models are random-weight presets of real shapes (`preset_config`), "minilm-shape" (a random BERT of
@@ -821,6 +823,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compile", action="store_true")
     common(e)
 
+    v = sub.add_parser("serve", help="latency and throughput of POST /v1/score from concurrent clients")
+    v.add_argument("--url", default=None,
+                   help="a running scorer on loopback (default: start the profile's scorer, serve.checkpoint, on local Ray)")
+    v.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent clients, one run each")
+    v.add_argument("--requests", type=int, default=10, help="timed requests per client")
+    v.add_argument("--candidates", type=int, default=100)
+    v.add_argument("--behaviors", type=int, default=50, help="behaviours per field")
+    v.add_argument("--time-limit", type=float, default=300.0, help="seconds per run at most")
+    common(v)
+
     p = sub.add_parser("pipeline", help="the Ray Data encode job against a plain loop (local Ray)")
     p.add_argument("--data", choices=["movielens", "synthetic"], default="movielens")
     p.add_argument("--events", type=int, default=1_000_000, help="synthetic events")
@@ -879,6 +891,31 @@ def run_encode(cfg: Config, args: argparse.Namespace) -> list[Path]:
     return [path]
 
 
+def run_serve(cfg: Config, args: argparse.Namespace) -> list[Path]:
+    """One load run per --clients value against --url, or against the profile's scorer started here."""
+    from bahe_ray.bench_serve import run_serve_benchmark
+
+    def runs(url: str) -> list[dict[str, Any]]:
+        rows = []
+        for clients in args.clients:
+            rows.append(run_serve_benchmark(cfg, url, clients, clients * args.requests, args.candidates,
+                                            args.behaviors, args.time_limit))
+            print(json.dumps({k: rows[-1][k] for k in ("clients", "requests", "p50_ms", "p99_ms", "requests_per_s")}))
+        return rows
+
+    result: Result = {"bench": "serve", "env": environment("cpu"), "serve": cfg.serve.model_dump(mode="json")}
+    if args.url:
+        result["runs"] = runs(args.url)
+    else:
+        from bahe_ray.cli import init_ray
+        from bahe_ray.serve import running_scorer
+
+        init_ray(cfg)
+        with running_scorer(cfg) as url:
+            result["runs"] = runs(url)
+    return [write_result(result, args.out, args.name or "serve-cpu")]
+
+
 def format_train(result: Result) -> str:
     """The equal-batch and best-batch tables as text."""
     lines = [f"{result['model']} k={result['k']} T={result['tokens_per_behavior']} F={result['fields']} "
@@ -901,6 +938,8 @@ def main(cfg: Config, argv: list[str]) -> int:
         run_train(args)
     elif args.what == "encode":
         run_encode(cfg, args)
+    elif args.what == "serve":
+        run_serve(cfg, args)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = bench_pipeline(cfg, args.data, args.events, tmp)

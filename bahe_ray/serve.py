@@ -29,7 +29,8 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -673,6 +674,17 @@ def build_app(args: dict[str, Any]) -> Application:
     """Serve's import path (`bahe_ray.serve:build_app`, args {config: PROFILE, overrides: [...]})."""
     parsed = AppArgs.model_validate(args)
     return scorer_app(load_config(parsed.config, parsed.overrides))
+
+
+@contextmanager
+def running_scorer(cfg: Config) -> Iterator[str]:
+    """The scorer app of a profile on cfg.serve.host:port while the block runs (yields its base URL)."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    try:
+        serve.run(scorer_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        yield f"http://{cfg.serve.host}:{cfg.serve.port}"
+    finally:
+        serve.shutdown()
 
 
 def serve_blocking(cfg: Config) -> None:

@@ -98,19 +98,12 @@ def demo_request(cfg: Config, store: EmbeddingStore) -> tuple[dict[str, Any], di
 
 def score_over_http(cfg: Config, body: dict[str, Any]) -> dict[str, Any]:
     """Start the scorer app on cfg.serve.host:port, POST one request, shut Serve down."""
-    from ray import serve
+    from bahe_ray.serve import running_scorer
 
-    from bahe_ray.serve import APP_NAME, scorer_app
-
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    try:
-        serve.run(scorer_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1/score"
-        response = httpx.post(url, json=body, timeout=300)
+    with running_scorer(cfg) as url:
+        response = httpx.post(f"{url}/v1/score", json=body, timeout=300)
         response.raise_for_status()
         return response.json()
-    finally:
-        serve.shutdown()
 
 
 def run_demo(cfg: Config) -> DemoSummary:

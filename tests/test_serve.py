@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 
+from bahe_ray import bench
 from bahe_ray.atoms import atom_ids, normalize_text
 from bahe_ray.bench_serve import run_serve_benchmark
 from bahe_ray.checkpoint import CheckpointMeta, build_model, load_checkpoint, save_checkpoint
@@ -371,12 +372,18 @@ def test_streamed_body_over_the_limit_is_413(client: httpx.Client) -> None:
     assert response.status_code == 413 and response.json()["field"] == "body"
 
 
-def test_serve_benchmark_reports_latency_and_stops(url: str, world: World) -> None:
+def test_serve_benchmark_reports_latency_and_stops(url: str, world: World, tmp_path: Path) -> None:
     report = run_serve_benchmark(world.cfg, url, clients=2, requests=6, candidates=5, behaviors=12)
     assert report["requests"] == report["ok"] == 6 and report["statuses"] == {"200": 6}
     assert 0 < report["p50_ms"] <= report["p99_ms"] and report["requests_per_s"] > 0
     with pytest.raises(ValueError, match="loopback"):
         run_serve_benchmark(world.cfg, "http://10.0.0.1:8000")
+
+    # `bahe bench serve --url`: one run per client count, written as JSON.
+    bench.main(world.cfg, ["serve", "--url", url, "--clients", "1", "2", "--requests", "2", "--candidates", "3",
+                           "--behaviors", "4", "--out", str(tmp_path), "--name", "serve"])
+    runs = json.loads((tmp_path / "serve.json").read_text())["runs"]
+    assert [(r["clients"], r["ok"]) for r in runs] == [(1, 2), (2, 4)]
 
 
 # ---- overload, failures, rollout ------------------------------------------------------------

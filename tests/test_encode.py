@@ -21,9 +21,8 @@ from bahe_ray.config import Config, load_config
 from bahe_ray.encode import run_encode
 from bahe_ray.encoders import build_encoder
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
-from conftest import write_movielens_subset
+from conftest import REPO, write_movielens_subset
 
-REPO = Path(__file__).resolve().parents[1]
 USERS = 6
 
 

@@ -39,9 +39,8 @@ from bahe_ray.samples import hist_column, sample_schema
 from bahe_ray.serve import APP_NAME, AtomEncoder, load_scorer_state
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
 from bahe_ray.train import evaluate_checkpoint
-from conftest import free_port
+from conftest import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "configs" / "local.yaml"
 FIELDS = ["liked", "disliked"]
 N = 8  # the checkpoint's max_behaviors: requests with more keep the most recent 8

@@ -19,15 +19,14 @@ import pytest
 import ray
 
 from bahe_ray.config import Config, EncoderConfig, load_config
-from bahe_ray.data import movielens
 from bahe_ray.encode import run_encode
 from bahe_ray.encoders import encoder_fingerprint
 from bahe_ray.encoders.hf import TransformersEncoder
 from bahe_ray.encoders.vllm import truncated_checkpoint
 from bahe_ray.store import EmbeddingStore
+from conftest import REPO, write_movielens_subset
 from tiny_models import behaviour_texts
 
-REPO = Path(__file__).resolve().parents[1]
 USERS = 1
 TEXTS = behaviour_texts(120, seed=1) + [" ".join(behaviour_texts(12, seed=2))]  # the last one is cut at max_tokens
 
@@ -101,13 +100,7 @@ def test_tensor_parallel_needs_vllm_and_an_actor_holding_every_gpu() -> None:
 
 @pytest.fixture(scope="module")
 def ml_atoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A real MovieLens-100K subset (first users) as parquet input files."""
-    root = tmp_path_factory.mktemp("ml")
-    events, impressions = movielens.to_tables(movielens.load_ratings(None, REPO / "outputs" / "cache"), max_users=USERS)
-    for name, table in (("events", events), ("impressions", impressions)):
-        (root / name).mkdir()
-        pq.write_table(table, root / name / "part-0.parquet")
-    return {"events": str(root / "events"), "impressions": str(root / "impressions")}
+    return write_movielens_subset(tmp_path_factory.mktemp("ml"), USERS)
 
 
 def job_config(tmp: Path, files: dict[str, str], *sets: str) -> Config:

@@ -16,17 +16,16 @@ from pathlib import Path
 
 import boto3
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
 from bahe_ray.config import Config
-from bahe_ray.data import movielens
 from bahe_ray.encode import EncodeSummary, run_encode
 from bahe_ray.encoders.hf import TransformersEncoder
 from bahe_ray.store import EmbeddingStore
+from conftest import write_movielens_subset
 from fault_helpers import CuttableProxy
-from test_encode import REPO, expected_unique, make_config
+from test_encode import expected_unique, make_config
 
 OUTAGE_S = 5.0
 USERS = 3  # 729 atoms: 23 parts of 32, each committed on its own
@@ -34,13 +33,7 @@ USERS = 3  # 729 atoms: 23 parts of 32, each committed on its own
 
 @pytest.fixture(scope="module")
 def ml_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Real MovieLens-100K rows of the first users as parquet files (test_encode.py's fixture, fewer users)."""
-    root = tmp_path_factory.mktemp("ml")
-    events, impressions = movielens.to_tables(movielens.load_ratings(None, REPO / "outputs" / "cache"), max_users=USERS)
-    for name, table in (("events", events), ("impressions", impressions)):
-        (root / name).mkdir()
-        pq.write_table(table, root / name / "part-0.parquet")
-    return {"events": str(root / "events"), "impressions": str(root / "impressions")}
+    return write_movielens_subset(tmp_path_factory.mktemp("ml"), USERS)
 
 
 def manifest_count(endpoint: str, bucket: str) -> int:

@@ -68,16 +68,20 @@ def _utf8(name: str, text: str) -> str:
     return text
 
 
+def _bounded(name: str, text: str, max_chars: int) -> str:
+    """`text` if it is non-empty and at most `max_chars` long; a RowError naming the field otherwise."""
+    if not text:
+        raise RowError(f"{name}: empty")
+    if len(text) > max_chars:
+        raise RowError(f"{name}: longer than {max_chars} characters ({len(text)})")
+    return text
+
+
 def parse_id(name: str, value: Any) -> str:
     _missing(name, value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RowError(f"{name}: expected a string or integer (got {type(value).__name__})")
-    text = _utf8(name, str(value).strip())
-    if not text:
-        raise RowError(f"{name}: empty")
-    if len(text) > MAX_ID_CHARS:
-        raise RowError(f"{name}: longer than {MAX_ID_CHARS} characters ({len(text)})")
-    return text
+    return _bounded(name, _utf8(name, str(value).strip()), MAX_ID_CHARS)
 
 
 def parse_ts(value: Any) -> int:
@@ -130,12 +134,7 @@ def parse_text(name: str, value: Any, max_chars: int) -> str:
             raise RowError(f"{name}: not valid UTF-8") from None
     if not isinstance(value, str):
         raise RowError(f"{name}: expected a string (got {type(value).__name__})")
-    text = normalize_text(_utf8(name, value))
-    if not text:
-        raise RowError(f"{name}: empty")
-    if len(text) > max_chars:
-        raise RowError(f"{name}: longer than {max_chars} characters ({len(text)})")
-    return text
+    return _bounded(name, normalize_text(_utf8(name, value)), max_chars)
 
 
 def parse_label(value: Any) -> int:

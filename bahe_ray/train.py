@@ -425,7 +425,7 @@ def run_epochs(
         reset_peak_memory(device)
         model.train()
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0  # on the device: no sync per step
         for step, table in enumerate(train.batches(epoch)):
             if max_batches is not None and step >= max_batches:
                 break
@@ -440,14 +440,14 @@ def run_epochs(
             if tc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, tc.grad_clip)
             optimizer.step()
-            loss_sum += loss.item() * len(arrays)
+            loss_sum += loss.detach() * len(arrays)
             seen += len(arrays)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         scored = score(raw, inputs, val, device, dtype)
         epoch_seconds = time.perf_counter() - start
-        ranks = gather((scored, loss_sum, seen, train_seconds, epoch_seconds, peak_memory_mb(device), train_cpu))
+        ranks = gather((scored, loss_sum.item(), seen, train_seconds, epoch_seconds, peak_memory_mb(device), train_cpu))
         val_metrics = Scored.concat(r[0] for r in ranks).metrics()
         total = sum(r[2] for r in ranks)
         slowest = max(r[3] for r in ranks)

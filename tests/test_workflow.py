@@ -41,7 +41,8 @@ def wait_for_port(port: int, timeout: float) -> None:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A Ray head on 127.0.0.1, started like a user would; stopped (only this one) afterwards."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # As a user with the venv activated: the jobs' `python` is this environment's interpreter.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     temp = Path("/tmp") / f"ray-wf-{os.getpid()}"

@@ -15,7 +15,7 @@ N, cut-offs, counts). Built with Ray Data: events and impressions are unioned, h
 user and each user's rows are turned into samples by `user_samples`, a plain function.
 
 Reading needs no Ray: `read_split_table` and `pad_histories` run where Ray is absent (the GPU
-machine's single-process training), so Ray and datasketches are imported only where used.
+machine's single-process training), so Ray is imported only where used.
 """
 
 from __future__ import annotations
@@ -146,19 +146,32 @@ def _as_rows(kind: str):
     return fn
 
 
+SPLIT_BINS = 1 << 20  # histogram bins over the impression time range: cut points exact to range / 2^20
+
+
 def split_cuts(impressions: ray.data.Dataset, cfg: SamplesConfig) -> SplitCuts:
-    """Time cut-offs from quantiles of impression timestamps."""
-    from datasketches import kll_doubles_sketch
+    """Time cut-offs at quantiles of impression timestamps, the same on every run.
+
+    A count histogram of the timestamps over [min, max] in SPLIT_BINS equal bins (one second wide
+    when the range allows) is summed over batches in any order, so the cuts do not depend on
+    how the data streams; each cut is the first bin edge below which at least that fraction of
+    impressions lies. Streams the timestamps and holds only the histogram (8 MiB).
+    """
+    ts_only = impressions.select_columns(["ts"])
+    if ts_only.count() == 0:
+        raise ValueError("impressions: no valid rows to split")
+    low, high = int(ts_only.min("ts")), int(ts_only.max("ts"))
+    width = -(-(high - low + 1) // SPLIT_BINS)
+    counts = np.zeros(SPLIT_BINS, np.int64)
+    for batch in ts_only.iter_batches(batch_format="numpy", batch_size=65_536):
+        counts += np.bincount((batch["ts"].astype(np.int64) - low) // width, minlength=SPLIT_BINS)
+    below = np.cumsum(counts)  # below[i]: impressions with ts < low + (i + 1) * width
+
+    def cut(fraction: float) -> int:
+        return low + (int(np.searchsorted(below, fraction * below[-1])) + 1) * width
 
     q_val = 1.0 - cfg.val_fraction - cfg.test_fraction
-    q_test = 1.0 - cfg.test_fraction
-    sketch = kll_doubles_sketch(400)  # ~0.3% rank error; streams timestamps, holds none of them
-    for batch in impressions.select_columns(["ts"]).iter_batches(batch_format="numpy", batch_size=65_536):
-        sketch.update(batch["ts"].astype(np.float64))
-    if sketch.is_empty():
-        raise ValueError("impressions: no valid rows to split")
-    val_from, test_from = sketch.get_quantiles([q_val, q_test])
-    return SplitCuts(val_from=int(val_from), test_from=int(test_from))
+    return SplitCuts(val_from=cut(q_val), test_from=cut(1.0 - cfg.test_fraction))
 
 
 @dataclass

@@ -10,7 +10,16 @@ import pyarrow as pa
 from bahe_ray.config import Config
 from bahe_ray.data.readers import read_table
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS
-from bahe_ray.samples import SplitCuts, _ROWS, build_samples, pad_histories, read_split, read_summary, user_samples
+from bahe_ray.samples import (
+    SplitCuts,
+    _ROWS,
+    build_samples,
+    pad_histories,
+    read_split,
+    read_summary,
+    split_cuts,
+    user_samples,
+)
 
 
 def _rows(events: list[tuple[int, str, int]], impressions: list[tuple[int, int, int]]) -> pa.Table:
@@ -52,6 +61,18 @@ def test_pad_histories_keeps_most_recent() -> None:
     ids, mask = pad_histories(lists, 2)
     assert ids.tolist() == [[3, 4], [0, 0], [7, 0]]
     assert mask.tolist() == [[True, True], [False, False], [True, False]]
+
+
+def test_split_cuts_are_exact_and_independent_of_row_order(ray_local: None) -> None:
+    import ray
+
+    cfg = Config().samples  # 10% validation, 10% test
+    ts = np.arange(1_000, 2_000)
+    cuts = [split_cuts(ray.data.from_items([{"ts": int(t)} for t in order], override_num_blocks=blocks), cfg)
+            for order, blocks in ((ts, 1), (np.random.default_rng(1).permutation(ts), 7))]
+    assert cuts[0] == cuts[1] == SplitCuts(val_from=1_800, test_from=1_900)
+    wide = ray.data.from_items([{"ts": t} for t in (0, 10**9, 2 * 10**9)])  # bins wider than a second
+    assert split_cuts(wide, cfg) == split_cuts(wide.random_shuffle(seed=3), cfg)
 
 
 def test_build_samples_with_ray(ray_local: None, tmp_path: Path) -> None:

@@ -24,6 +24,16 @@ import xxhash
 _WS = re.compile(r"\s+")
 
 
+def is_utf8(text: str) -> bool:
+    """False for a string with lone surrogates (undecodable input bytes kept by surrogateescape, or
+    JSON escapes such as \\ud800): it is not text, cannot be hashed to an atom id, nor written back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def normalize_text(text: str) -> str:
     """Apply the documented normalisation to one behaviour text."""
     return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()

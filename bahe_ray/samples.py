@@ -155,9 +155,10 @@ def split_cuts(impressions: ray.data.Dataset, cfg: SamplesConfig) -> SplitCuts:
     A count histogram of the timestamps over [min, max] in SPLIT_BINS equal bins (one second wide
     when the range allows) is summed over batches in any order, so the cuts do not depend on
     how the data streams; each cut is the first bin edge below which at least that fraction of
-    impressions lies. Streams the timestamps and holds only the histogram (8 MiB).
+    impressions lies. The driver holds only the histogram (8 MiB); the timestamps stay in the
+    object store.
     """
-    ts_only = impressions.select_columns(["ts"])
+    ts_only = impressions.select_columns(["ts"]).materialize()  # one read: validation writes rejects
     if ts_only.count() == 0:
         raise ValueError("impressions: no valid rows to split")
     low, high = int(ts_only.min("ts")), int(ts_only.max("ts"))

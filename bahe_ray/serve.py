@@ -49,7 +49,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bahe_ray.atoms import atom_ids, normalize_text
+from bahe_ray.atoms import atom_ids, is_utf8, normalize_text
 from bahe_ray.checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from bahe_ray.config import Config, ServeConfig, StorageConfig, load_config
 from bahe_ray.encoders import build_encoder
@@ -68,10 +68,8 @@ _REPLICA_RETRIES = 2  # scoring is idempotent: retry a call whose replica died u
 
 def _utf8(text: str) -> str:
     """Refuse lone surrogates (JSON escapes such as \\ud800): not text, and they cannot be encoded in a reply."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("not valid UTF-8 (a lone surrogate escape)") from None
+    if not is_utf8(text):
+        raise ValueError("not valid UTF-8 (a lone surrogate escape)")
     return text
 
 

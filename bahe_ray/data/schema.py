@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from bahe_ray.atoms import atom_ids, normalize_text
+from bahe_ray.atoms import atom_ids, is_utf8, normalize_text
 
 MAX_TS = int(dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc).timestamp())
 MAX_FIELD_CHARS = 64
@@ -61,10 +61,8 @@ def _missing(name: str, value: Any) -> None:
 
 def _utf8(name: str, text: str) -> str:
     """`text`, if it encodes as UTF-8 (lone surrogates mark undecodable input bytes: surrogateescape)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RowError(f"{name}: not valid UTF-8") from None
+    if not is_utf8(text):
+        raise RowError(f"{name}: not valid UTF-8")
     return text
 
 

@@ -31,6 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float) -> None:
+    """Return once something accepts connections on 127.0.0.1:port; TimeoutError after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
 class S3Server:
     """A `moto_server` process: a real HTTP S3 endpoint on loopback, stoppable and restartable."""
 
@@ -44,14 +56,7 @@ class S3Server:
         exe = Path(sys.executable).with_name("moto_server")
         log = open(self.log_dir / f"moto-{self.port}.log", "ab")
         self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"moto_server did not start on port {self.port}")
+        wait_for_port(self.port, timeout=30)
 
     def stop(self) -> None:
         if self.proc is not None:

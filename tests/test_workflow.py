@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,21 +20,10 @@ import pytest
 import yaml
 
 from bahe_ray.store import EmbeddingStore
-from conftest import REPO, free_port, write_movielens_subset
+from conftest import REPO, free_port, wait_for_port, write_movielens_subset
 
 BIN = Path(sys.executable).parent
 USERS = 5
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from bahe_ray.encoders.split import pad_token_ids
+from bahe_ray.encoders.split import pad_token_ids, to_device
 from bahe_ray.model import BEHAVIOR_SEPARATOR, join_behaviour_tokens, special_tokens
 from bahe_ray.samples import hist_column, pad_histories
 
@@ -80,7 +80,8 @@ def used_width(mask: np.ndarray) -> int:
 def bahe_batch(arrays: SampleArrays, vectors: VectorSource, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """BaheCTR's batch: stored vectors of the real behaviours (masked positions are zeros) and of the item.
 
-    Histories are cut after the last used position, so the deep layers run over the batch's
+    Each distinct atom's vector is looked up and shipped once; the padded (B, F, N, d) batch is
+    gathered where the model runs (`gather_rows`). Histories are cut after the last used position, so the deep layers run over the batch's
     longest history rather than always N (as the token baseline pads to its longest sequence).
     """
     width = used_width(arrays.hist_mask)
@@ -92,26 +93,36 @@ def bahe_batch(arrays: SampleArrays, vectors: VectorSource, device: str | torch.
     shared = len(first) < rows
     if shared:
         hist_ids, hist_mask = hist_ids[first], hist_mask[first]
-    b, f, n = hist_ids.shape
     real = hist_ids[hist_mask]
-    found_vectors, found = vectors.lookup_with_mask(np.concatenate([real, arrays.item_ids]))
+    atoms, slots = np.unique(np.concatenate([real, arrays.item_ids]), return_inverse=True)
+    found_vectors, found = vectors.lookup_with_mask(atoms)
     if not found.all():
-        missing_hist, missing_items = int((~found[: real.size]).sum()), int((~found[real.size :]).sum())
+        missing = ~found[slots]
         raise MissingVectorsError(
-            f"{missing_hist} of {real.size} behaviours and {missing_items} of {rows} items have no stored vector "
-            "(run `bahe encode` over these logs)"
+            f"{int(missing[: real.size].sum())} of {real.size} behaviours and {int(missing[real.size :].sum())} of "
+            f"{rows} items have no stored vector (run `bahe encode` over these logs)"
         )
-    d = found_vectors.shape[-1]
-    hist = np.zeros((b, f, n, d), dtype=np.float32)
-    hist[hist_mask] = found_vectors[: real.size]
-    batch = {
-        "hist": torch.from_numpy(hist).to(device),
-        "hist_mask": torch.from_numpy(np.ascontiguousarray(hist_mask)).to(device),
-        "item": torch.from_numpy(np.ascontiguousarray(found_vectors[real.size :], dtype=np.float32)).to(device),
-    }
+    table = np.concatenate([found_vectors, np.zeros((1, found_vectors.shape[-1]), np.float32)])
+    hist_slots = np.full(hist_ids.shape, len(atoms), dtype=np.int64)
+    hist_slots[hist_mask] = slots[: real.size]
+    hist, item = gather_rows(table, [hist_slots, slots[real.size :]], device)
+    batch = {"hist": hist, "hist_mask": to_device(hist_mask, device), "item": item}
     if shared:
-        batch["user_index"] = torch.from_numpy(user_index.reshape(-1).astype(np.int64)).to(device)
+        batch["user_index"] = to_device(user_index.reshape(-1).astype(np.int64), device)
     return batch
+
+
+def gather_rows(table: np.ndarray, indices: Sequence[np.ndarray], device: str | torch.device) -> list[Tensor]:
+    """table[index] for each index, as tensors on `device`.
+
+    A GPU receives the (small) table and the indices and gathers there, instead of a dense
+    padded batch many times the size; on CPU numpy gathers (about 3x faster than torch's
+    indexing on two cores).
+    """
+    if torch.device(device).type == "cpu":
+        return [torch.from_numpy(np.take(table, index, axis=0)) for index in indices]
+    rows = to_device(table, device)
+    return [rows[to_device(index, device)] for index in indices]
 
 
 class TokenCache:
@@ -171,9 +182,9 @@ def id_batch(arrays: SampleArrays, device: str | torch.device = "cpu") -> dict[s
     """IdCTR's batch: the atom ids themselves (cut after the last used position, like `bahe_batch`)."""
     width = used_width(arrays.hist_mask)
     return {
-        "hist_ids": torch.from_numpy(np.ascontiguousarray(arrays.hist_ids[:, :, :width])).to(device),
-        "hist_mask": torch.from_numpy(np.ascontiguousarray(arrays.hist_mask[:, :, :width])).to(device),
-        "item_ids": torch.from_numpy(arrays.item_ids).to(device),
+        "hist_ids": to_device(arrays.hist_ids[:, :, :width], device),
+        "hist_mask": to_device(arrays.hist_mask[:, :, :width], device),
+        "item_ids": to_device(arrays.item_ids, device),
     }
 
 

@@ -29,21 +29,24 @@ import logging
 import math
 import os
 import platform
+import queue
 import random
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Protocol
+from itertools import islice
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -58,12 +61,14 @@ from bahe_ray.checkpoint import (
 )
 from bahe_ray.config import Config, StorageConfig, TrainConfig
 from bahe_ray.encoders import resolve_model_path, weights_sha256
+from bahe_ray.encoders.split import to_device
 from bahe_ray.features import MODEL_KINDS, ModelKind, SampleArrays, TokenCache, make_batch, sample_arrays
 from bahe_ray.fs import arrow_filesystem, filesystem, is_remote, join, write_bytes_atomic
 from bahe_ray.samples import read_split_table, read_summary
 from bahe_ray.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FAIL_ONCE_ENV = "BAHE_FAIL_ONCE_FILE"
 METRICS_FILE = "metrics.json"
@@ -134,6 +139,10 @@ class TableSource:
     batch_size: int
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        # A table read from many files has many chunks; a take over them costs ~20x more per batch.
+        self.table = self.table.combine_chunks()
+
     def batches(self, epoch: int) -> Iterator[pa.Table]:
         n = self.table.num_rows
         order = None if self.seed is None else np.random.default_rng(self.seed + epoch).permutation(n)
@@ -176,6 +185,47 @@ class RankRows:
             mine = table.filter(pa.array(key % self.world_size == self.rank))
             if mine.num_rows:
                 yield mine
+
+
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """`items`, produced by a background thread up to `depth` ahead (depth 0: inline).
+
+    Batch assembly (row takes, id padding, vector lookups, host-to-device copies) then overlaps
+    the training step, as Ray Data's `prefetch_batches` does for its batches. The producer's
+    errors are raised here; closing the iterator stops the producer.
+    """
+    if depth == 0:
+        yield from items
+        return
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                ready.put((True, item))
+            ready.put((False, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            ready.put((False, error))
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = ready.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        thread.join()
 
 
 # ---- model inputs --------------------------------------------------------------------------
@@ -420,28 +470,30 @@ def run_epochs(
     dtype = autocast_dtype(tc.precision, device)
     per_rank = None if tc.max_train_samples is None else math.ceil(tc.max_train_samples / world_size)
     max_batches = None if per_rank is None else math.ceil(per_rank / tc.batch_size)
+
+    def assemble(table: pa.Table) -> tuple[SampleArrays, dict[str, Tensor], Tensor]:
+        arrays = inputs.arrays(table)
+        return arrays, inputs.batch(arrays, device), to_device(arrays.labels, device)
+
     for epoch in range(state.epoch + 1, tc.max_epochs + 1):
         torch.manual_seed(tc.seed + epoch)
         reset_peak_memory(device)
         model.train()
         start, cpu_start = time.perf_counter(), time.process_time()
         loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0  # on the device: no sync per step
-        for step, table in enumerate(train.batches(epoch)):
-            if max_batches is not None and step >= max_batches:
-                break
-            arrays = inputs.arrays(table)
-            batch = inputs.batch(arrays, device)
-            labels = torch.from_numpy(arrays.labels).to(device)
-            with _autocast(device, dtype):
-                logits = model(batch)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            optimizer.step()
-            loss_sum += loss.detach() * len(arrays)
-            seen += len(arrays)
+        batches = (assemble(table) for table in islice(train.batches(epoch), max_batches))
+        with closing(prefetched(batches, tc.prefetch_batches)) as ready:
+            for arrays, batch, labels in ready:
+                with _autocast(device, dtype):
+                    logits = model(batch)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                optimizer.step()
+                loss_sum += loss.detach() * len(arrays)
+                seen += len(arrays)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start

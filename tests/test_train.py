@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,12 @@ from bahe_ray.checkpoint import (
 from bahe_ray.cli import main as cli_main
 from bahe_ray.config import Config, load_config, with_overrides
 from bahe_ray.encode import run_encode
-from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, sample_arrays, token_batch
+from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, make_batch, sample_arrays, token_batch
 from bahe_ray.model import tokenize_histories
 from bahe_ray.samples import build_configured_samples, read_split_table
 from bahe_ray.train import (
-    FAIL_ONCE_ENV, TableSource, evaluate_checkpoint, fit, gauc, initial_model, make_optimizer, train_local, train_ray,
+    FAIL_ONCE_ENV, TableSource, evaluate_checkpoint, fit, gauc, initial_model, make_optimizer, prefetched, train_local,
+    train_ray,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +123,44 @@ def test_bahe_batch_reads_vectors_of_real_behaviours_only() -> None:
     missing = sample_arrays(history_table([[[1, 99], [98]], [[4], []]], [5, 97]), FIELDS, max_behaviors=10)
     with pytest.raises(MissingVectorsError, match="2 of 4 behaviours and 1 of 2 items"):
         bahe_batch(missing, vectors)
+
+
+def test_prefetched_keeps_order_raises_producer_errors_and_stops_when_closed() -> None:
+    assert list(prefetched(iter(range(10)), 2)) == list(range(10)) == list(prefetched(iter(range(10)), 0))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise MissingVectorsError("3 of 9 behaviours have no stored vector")
+
+    batches = prefetched(failing(), 2)
+    assert next(batches) == 1
+    with pytest.raises(MissingVectorsError, match="3 of 9"):
+        next(batches)
+    produced: list[int] = []
+
+    def counting() -> Iterator[int]:
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    with closing(prefetched(counting(), 2)) as batches:
+        assert next(batches) == 0
+    assert len(produced) <= 5, "closing stops the producer"
+
+
+@pytest.mark.gpu
+def test_batches_built_on_the_gpu_equal_the_cpu_ones() -> None:
+    """On CUDA, BAHE's batch is gathered on the device from one row per distinct atom; same values as on CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    vectors = DictVectors({i: np.full(3, i, np.float32) for i in range(1, 8)})
+    arrays = sample_arrays(history_table([[[1, 2], [3]], [[4], []], [[1, 2], [3]]], [5, 6, 5]), FIELDS, max_behaviors=10)
+    for kind in ("bahe", "id"):
+        on_cpu, on_gpu = make_batch(kind, arrays, "cpu", vectors), make_batch(kind, arrays, "cuda", vectors)
+        assert on_cpu.keys() == on_gpu.keys()
+        for key, value in on_gpu.items():
+            assert value.device.type == "cuda"
+            assert torch.equal(value.cpu(), on_cpu[key]), key
 
 
 def test_shared_histories_run_once_with_identical_scores(minilm_path: Path) -> None:

@@ -258,10 +258,11 @@ class Backbone(nn.Module):
 
         None lets sdpa pick its fastest kernel (is_causal for decoders). A padded query row
         attends to itself only, so no row is fully masked (which would give NaN); real rows
-        never see padding, and padded rows are never read.
+        never see padding, and padded rows are never read. Length-1 sequences (BAHE's items)
+        need no mask, and skip the check, which waits for the GPU.
         """
         mask = mask.bool()
-        if bool(mask.all()):
+        if mask.shape[1] == 1 or bool(mask.all()):
             return None
         n = mask.shape[1]
         allowed = mask[:, None, None, :].expand(-1, 1, n, n)

@@ -1,11 +1,11 @@
 #!/bin/bash
 # BAHE vs ID vs token-level on the full MovieLens-100K split, one H200, no Ray (see configs/ml100k_h200.yaml).
-# Everything it writes is packed into $OUT/results.tgz (logs, reports, metrics.json and curves per run).
+# Everything it writes is packed into $OUT/results$TAG.tgz (logs, reports and training curves per model).
 set -u
 start=$(date +%s); budget=${BUDGET:-370}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
-C=configs/ml100k_h200.yaml; R=$OUT/results; mkdir -p $R
+C=configs/ml100k_h200.yaml; R=$OUT/results${TAG:-}; mkdir -p $R
 read -ra S <<< "${SETS:---set train.max_train_samples=20000 --set train.max_epochs=2}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpu.txt
 python3 -c "import torch,transformers,sys;print(sys.version.split()[0],torch.__version__,transformers.__version__)" > $R/versions.txt
@@ -22,4 +22,4 @@ for kind in ${KINDS:-bahe id token}; do
   find outputs/ml100k_h200/train/$kind -name "*.png" -exec cp {} $R/$kind-curves.png \;
 done
 echo "total $(( $(date +%s) - start ))s"
-tar czf $OUT/results.tgz -C $OUT results && rm -rf $R
+tar czf $R.tgz -C $OUT $(basename $R) && rm -rf $R

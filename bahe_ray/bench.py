@@ -48,7 +48,7 @@ from transformers import BertConfig, PretrainedConfig
 
 from bahe_ray.config import MINILM, Config, EncoderConfig, ModelConfig
 from bahe_ray.encoders.split import (
-    PRESETS, Backbone, backbone_from_config, pool_hidden, positions_from_mask, preset_config,
+    PRESETS, Backbone, backbone_from_config, pool_hidden, positions_from_mask, preset_config, to_device,
 )
 from bahe_ray.model import BaheCTR, TokenCTR
 
@@ -647,16 +647,17 @@ def bench_encode_model(
     }
 
 
-def random_checkpoint(model: str | PretrainedConfig, k: int, out_dir: str | Path) -> Path:
-    """A random-weight decoder checkpoint of a model's first k layers, with a byte-level tokenizer
-    without merges (one token per ASCII character), so TransformersEncoder loads it like a real one."""
+def random_checkpoint(model: str | PretrainedConfig, layers: int | None, out_dir: str | Path) -> Path:
+    """A random-weight decoder checkpoint of a model's first `layers` layers (None: all), with a byte-level
+    tokenizer without merges (one token per ASCII character), so it loads like a real one."""
     from tokenizers import pre_tokenizers
     from transformers import AutoModel, Qwen2Tokenizer
 
     config = model_config(model)
     if config.model_type != "qwen2":
         raise ValueError(f"random_checkpoint builds Qwen2 shapes, not {config.model_type!r}")
-    config = config.__class__(**{**config.to_dict(), "num_hidden_layers": k, "layer_types": None})
+    config = config.__class__(**{**config.to_dict(), "num_hidden_layers": layers or config.num_hidden_layers,
+                                 "layer_types": None})
     AutoModel.from_config(config, dtype=torch.bfloat16).save_pretrained(out_dir)
     vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
@@ -768,6 +769,77 @@ def bench_pipeline(cfg: Config, source: str, events: int, workdir: str | Path) -
     }
 
 
+# ---- bench loop ------------------------------------------------------------------------------
+
+
+def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch: int, epochs: int, workdir: str | Path, device: str,
+               use_ray: bool, warmup: int, steps: int) -> Result:
+    """BAHE's training loop end to end against the model alone, same model, optimizer and precision.
+
+    A synthetic log (`data.synthetic`, one behaviour field per `data.synthetic.fields`) is encoded
+    by a random-weight checkpoint of `model` (`run_encode_local`) and turned into samples (Ray
+    Data). Then: `model`: `train.train_step` on one batch already on the device; `local`:
+    `train_local` (sample table, prefetched batches, store lookup, step); `ray`: `train_ray` with
+    one worker (Ray Data shard, Ray Train). End-to-end figures are the last epoch's (the first
+    carries the warm-up); the ratio is end-to-end over model-level samples/s.
+    """
+    from bahe_ray.cli import init_ray
+    from bahe_ray.encode import prepare_inputs, run_encode_local
+    from bahe_ray.samples import build_configured_samples, read_split_table
+    from bahe_ray.train import (
+        autocast_dtype, batch_inputs, initial_model, make_optimizer, train_local, train_ray, train_step,
+    )
+
+    work = Path(workdir)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.source, cfg.data.prepared_path = "synthetic", str(work / "data")  # type: ignore[assignment]
+    cfg.encoder.model, cfg.encoder.k, cfg.encoder.backend = str(random_checkpoint(model, None, work / "model")), k, "transformers"
+    cfg.store.path, cfg.rejects_path = str(work / "store"), str(work / "rejects")
+    cfg.samples.path, cfg.samples.fields, cfg.samples.max_behaviors = str(work / "samples"), cfg.data.synthetic.fields, n
+    tc = cfg.train
+    tc.model_kind, tc.batch_size, tc.max_epochs, tc.patience = "bahe", batch, epochs, 0
+    tc.use_gpu, tc.num_workers, tc.max_train_samples = device.startswith("cuda"), 1, None
+    events_path, impressions_path, _ = prepare_inputs(cfg)
+    cfg.data.source, cfg.data.events_path, cfg.data.impressions_path = "files", events_path, impressions_path  # type: ignore[assignment]
+    encoded = run_encode_local(cfg, device=device)
+    init_ray(cfg)
+    samples = build_configured_samples(cfg)
+
+    net = initial_model("bahe", cfg).to(device)
+    optimizer = make_optimizer(net, tc)
+    inputs = batch_inputs("bahe", cfg, net)
+    arrays = inputs.arrays(read_split_table(cfg.samples.path, "train", cfg.storage).slice(0, batch))
+    ready, labels = inputs.batch(arrays, device), to_device(arrays.labels, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    dtype = autocast_dtype(tc.precision, device)
+    times = time_calls(lambda i: train_step(net, optimizer, ready, labels, params, tc.grad_clip, dtype), device,
+                       warmup, steps)
+    model_level = {"step_ms": round(statistics.median(times), 3), "samples_per_s": round(batch / statistics.median(times) * 1e3, 1),
+                   "step_ms_runs": [round(t, 3) for t in times]}
+    del net, optimizer, ready
+    free_memory(device)
+
+    def end_to_end(train: Callable[[Config], Result], name: str) -> Result:
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.train.output_dir = str(work / f"train-{name}")
+        report = train(run_cfg)
+        last = report["epochs"][-1]
+        free_memory(device)
+        return {"epochs": [{key: e[key] for key in ("train_seconds", "samples_per_s", "train_samples")}
+                           for e in report["epochs"]],
+                "samples_per_s": last["samples_per_s"],
+                "of_model_level": round(last["samples_per_s"] / model_level["samples_per_s"], 3)}
+
+    result: Result = {
+        "bench": "loop", "env": environment(device), "model": model_label(model), "k": k, "n": n, "batch": batch,
+        "fields": list(cfg.samples.fields), "precision": tc.precision, "unique_atoms": encoded.unique_atoms,
+        "samples": samples.counts, "model_level": model_level, "local": end_to_end(train_local, "local"),
+    }
+    if use_ray:
+        result["ray"] = end_to_end(train_ray, "ray")
+    return result
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 
@@ -833,6 +905,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--time-limit", type=float, default=300.0, help="seconds per run at most")
     common(v)
 
+    lp = sub.add_parser("loop", help="BAHE's training loop end to end (local and Ray Train) against the model alone")
+    lp.add_argument("--model", default="qwen2.5-0.5b", help="random-weight preset (a Qwen2 shape)")
+    lp.add_argument("--k", type=int, default=6)
+    lp.add_argument("--n", type=int, default=100, help="behaviours per field")
+    lp.add_argument("--batch", type=int, default=256)
+    lp.add_argument("--epochs", type=int, default=2)
+    lp.add_argument("--no-ray", action="store_true", help="skip the Ray Train run")
+    lp.add_argument("--warmup", type=int, default=3)
+    lp.add_argument("--steps", type=int, default=10)
+    common(lp)
     p = sub.add_parser("pipeline", help="the Ray Data encode job against a plain loop (local Ray)")
     p.add_argument("--data", choices=["movielens", "synthetic"], default="movielens")
     p.add_argument("--events", type=int, default=1_000_000, help="synthetic events")
@@ -940,6 +1022,13 @@ def main(cfg: Config, argv: list[str]) -> int:
         run_encode(cfg, args)
     elif args.what == "serve":
         run_serve(cfg, args)
+    elif args.what == "loop":
+        device = resolve_device(args.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = bench_loop(cfg, args.model, args.k, args.n, args.batch, args.epochs, tmp, device,
+                                not args.no_ray, args.warmup, args.steps)
+        write_result(result, args.out, args.name or f"loop-{args.model}-{device.split(':')[0]}")
+        print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = bench_pipeline(cfg, args.data, args.events, tmp)

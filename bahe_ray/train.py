@@ -445,6 +445,20 @@ def _single(obj: Any) -> list[Any]:
     return [obj]
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], labels: Tensor,
+               params: list[nn.Parameter], grad_clip: float, dtype: torch.dtype | None) -> Tensor:
+    """One optimisation step on a batch already on the model's device; the loss stays there (no sync)."""
+    with _autocast(labels.device, dtype):
+        logits = model(batch)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def run_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -484,15 +498,7 @@ def run_epochs(
         batches = (assemble(table) for table in islice(train.batches(epoch), max_batches))
         with closing(prefetched(batches, tc.prefetch_batches)) as ready:
             for arrays, batch, labels in ready:
-                with _autocast(device, dtype):
-                    logits = model(batch)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                loss_sum += loss.detach() * len(arrays)
+                loss_sum += train_step(model, optimizer, batch, labels, params, tc.grad_clip, dtype) * len(arrays)
                 seen += len(arrays)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()

@@ -14,6 +14,7 @@ from transformers import Qwen2Config
 
 from bahe_ray import bench
 from bahe_ray.cli import main as cli_main
+from bahe_ray.config import Config, with_overrides
 
 TINY = Qwen2Config(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -117,3 +118,19 @@ def test_cli_bench_train_and_encode(tmp_path: Path) -> None:
     assert (tmp_path / "train-minilm-shape-cpu.json").is_file() and (tmp_path / "train-minilm-shape-cpu.png").is_file()
     with pytest.raises(ValueError, match="vllm"):
         cli_main(["bench", "encode", "--backend", "vllm", "--model", "minilm-shape", "--out", str(tmp_path)])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_bench_loop_runs_the_training_loop_end_to_end_against_the_model_alone(tmp_path: Path) -> None:
+    cfg = with_overrides(Config(), ["data.synthetic.n_events=3000", "data.synthetic.n_users=20",
+                                    "data.synthetic.n_atoms=300", "data.synthetic.impressions_per_user=8",
+                                    "data.synthetic.fields=[purchase]", "train.eval_batch_size=64"])
+    result = bench.bench_loop(cfg, TINY, k=1, n=12, batch=16, epochs=2, workdir=tmp_path, device="cpu",
+                              use_ray=True, warmup=1, steps=2)
+    assert result["samples"]["train"] > 16 and result["unique_atoms"] > 100
+    assert result["model_level"]["samples_per_s"] > 0 and len(result["model_level"]["step_ms_runs"]) == 2
+    for mode in ("local", "ray"):
+        epochs = result[mode]["epochs"]
+        assert len(epochs) == 2 and all(e["train_samples"] == result["samples"]["train"] for e in epochs)
+        assert result[mode]["of_model_level"] == pytest.approx(
+            result[mode]["samples_per_s"] / result["model_level"]["samples_per_s"], abs=1e-3)

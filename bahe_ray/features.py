@@ -81,8 +81,9 @@ def bahe_batch(arrays: SampleArrays, vectors: VectorSource, device: str | torch.
     """BaheCTR's batch: stored vectors of the real behaviours (masked positions are zeros) and of the item.
 
     Each distinct atom's vector is looked up and shipped once; the padded (B, F, N, d) batch is
-    gathered where the model runs (`gather_rows`). Histories are cut after the last used position, so the deep layers run over the batch's
-    longest history rather than always N (as the token baseline pads to its longest sequence).
+    gathered where the model runs (`gather_rows`). Histories are cut after the last used
+    position, so the deep layers run over the batch's longest history rather than always N (as
+    the token baseline pads to its longest sequence).
     """
     width = used_width(arrays.hist_mask)
     hist_ids, hist_mask = arrays.hist_ids[:, :, :width], arrays.hist_mask[:, :, :width]

@@ -772,8 +772,8 @@ def bench_pipeline(cfg: Config, source: str, events: int, workdir: str | Path) -
 # ---- bench loop ------------------------------------------------------------------------------
 
 
-def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch: int, epochs: int, workdir: str | Path, device: str,
-               use_ray: bool, warmup: int, steps: int) -> Result:
+def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch: int, epochs: int,
+               workdir: str | Path, device: str, use_ray: bool, warmup: int, steps: int) -> Result:
     """BAHE's training loop end to end against the model alone, same model, optimizer and precision.
 
     A synthetic log (`data.synthetic`, one behaviour field per `data.synthetic.fields`) is encoded
@@ -793,14 +793,16 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
     work = Path(workdir)
     cfg = cfg.model_copy(deep=True)
     cfg.data.source, cfg.data.prepared_path = "synthetic", str(work / "data")  # type: ignore[assignment]
-    cfg.encoder.model, cfg.encoder.k, cfg.encoder.backend = str(random_checkpoint(model, None, work / "model")), k, "transformers"
+    checkpoint = random_checkpoint(model, None, work / "model")
+    cfg.encoder.model, cfg.encoder.k, cfg.encoder.backend = str(checkpoint), k, "transformers"
     cfg.store.path, cfg.rejects_path = str(work / "store"), str(work / "rejects")
     cfg.samples.path, cfg.samples.fields, cfg.samples.max_behaviors = str(work / "samples"), cfg.data.synthetic.fields, n
     tc = cfg.train
     tc.model_kind, tc.batch_size, tc.max_epochs, tc.patience = "bahe", batch, epochs, 0
     tc.use_gpu, tc.num_workers, tc.max_train_samples = device.startswith("cuda"), 1, None
     events_path, impressions_path, _ = prepare_inputs(cfg)
-    cfg.data.source, cfg.data.events_path, cfg.data.impressions_path = "files", events_path, impressions_path  # type: ignore[assignment]
+    cfg.data.source = "files"  # type: ignore[assignment]
+    cfg.data.events_path, cfg.data.impressions_path = events_path, impressions_path
     encoded = run_encode_local(cfg, device=device)
     init_ray(cfg)
     samples = build_configured_samples(cfg)
@@ -814,7 +816,8 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
     dtype = autocast_dtype(tc.precision, device)
     times = time_calls(lambda i: train_step(net, optimizer, ready, labels, params, tc.grad_clip, dtype), device,
                        warmup, steps)
-    model_level = {"step_ms": round(statistics.median(times), 3), "samples_per_s": round(batch / statistics.median(times) * 1e3, 1),
+    step_ms = statistics.median(times)
+    model_level = {"step_ms": round(step_ms, 3), "samples_per_s": round(batch / step_ms * 1e3, 1),
                    "step_ms_runs": [round(t, 3) for t in times]}
     del net, optimizer, ready
     free_memory(device)

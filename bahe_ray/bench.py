@@ -828,8 +828,8 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
         report = train(run_cfg)
         last = report["epochs"][-1]
         free_memory(device)
-        return {"epochs": [{key: e[key] for key in ("train_seconds", "samples_per_s", "train_samples")}
-                           for e in report["epochs"]],
+        keys = ("train_seconds", "data_wait_seconds", "samples_per_s", "train_samples")
+        return {"epochs": [{key: e[key] for key in keys} for e in report["epochs"]],
                 "samples_per_s": last["samples_per_s"],
                 "of_model_level": round(last["samples_per_s"] / model_level["samples_per_s"], 3)}
 

@@ -138,6 +138,9 @@ class TrainConfig(_Section):
     max_train_samples: int | None = Field(None, ge=1)  # cap on training samples per epoch (quick runs)
     grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0: no clipping
     shuffle_buffer: int = Field(10_000, ge=1)  # Ray Data local shuffle buffer (rows) of the train shard
+    # Ray Train: read the train/val sample rows once into the object store (rows are ids, about 8 bytes
+    # per behaviour), not from files every epoch; turn off for tables larger than object store memory.
+    materialize_splits: bool = True
     prefetch_batches: int = Field(2, ge=0)  # batches assembled ahead in a background thread; 0: inline
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     resume_from: str | None = None  # warm start: initial weights from a checkpoint folder (daily update)

@@ -124,7 +124,8 @@ def test_cli_bench_train_and_encode(tmp_path: Path) -> None:
 def test_bench_loop_runs_the_training_loop_end_to_end_against_the_model_alone(tmp_path: Path) -> None:
     cfg = with_overrides(Config(), ["data.synthetic.n_events=3000", "data.synthetic.n_users=20",
                                     "data.synthetic.n_atoms=300", "data.synthetic.impressions_per_user=8",
-                                    "data.synthetic.fields=[purchase]", "train.eval_batch_size=64"])
+                                    "data.synthetic.fields=[purchase]", "train.eval_batch_size=64",
+                                    "train.materialize_splits=false"])  # the streamed path; train tests cover the other
     result = bench.bench_loop(cfg, TINY, k=1, n=12, batch=16, epochs=2, workdir=tmp_path, device="cpu",
                               use_ray=True, warmup=1, steps=2)
     assert result["samples"]["train"] > 16 and result["unique_atoms"] > 100

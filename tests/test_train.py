@@ -35,7 +35,7 @@ from bahe_ray.train import (
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ["liked", "disliked"]
-TIMING = {"train_seconds", "train_cpu_seconds", "epoch_seconds", "samples_per_s", "peak_memory_mb"}
+TIMING = {"train_seconds", "train_cpu_seconds", "data_wait_seconds", "epoch_seconds", "samples_per_s", "peak_memory_mb"}
 
 
 @pytest.fixture(scope="module")

@@ -674,11 +674,9 @@ def random_texts(n: int, chars: int, seed: int = 0) -> list[str]:
 def bench_encode_texts(encoder: Any, texts: list[str], batch_size: int) -> Result:
     """`encoder.encode` over `texts` in calls of `batch_size` atoms, as the encode job's actors call it;
     tokenisation alone is timed too (it runs on the host inside encode)."""
-    from bahe_ray.encoders.split import token_ids
-
     encoder.encode(texts[:batch_size])  # warm-up
     start = time.perf_counter()
-    n_tokens = sum(len(ids) for ids in token_ids(encoder.tokenizer, texts, encoder.cfg.max_tokens))
+    n_tokens = sum(len(ids) for ids in encoder.atoms.ids(texts))
     tokenize_s = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(0, len(texts), batch_size):

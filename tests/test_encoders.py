@@ -119,16 +119,18 @@ def test_truncated_checkpoint_gives_same_vectors(model: str, request: pytest.Fix
     np.testing.assert_array_equal(truncated, full)
 
 
-def test_token_matrix_matches_token_ids_with_and_without_pad_token(minilm_path: Path) -> None:
-    """The encoder's padded-matrix tokenisation gives exactly `token_ids`' tokens (vLLM is fed those)."""
+def test_atom_tokenizer_gives_the_transformers_tokens(minilm_path: Path, tiny_llama: Path) -> None:
+    """Both encoder backends tokenise with AtomTokenizer: exactly `token_ids`' tokens, special tokens and
+    right truncation included, for an encoder (BERT) and a decoder (Llama) tokenizer."""
     from transformers import AutoTokenizer
 
-    from bahe_ray.encoders.split import token_ids, token_matrix
+    from bahe_ray.encoders.split import AtomTokenizer, token_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
-    texts = ["rated 5/5: Toy Story (1995) | Animation, Children's, Comedy", "a", "word " * 100]
-    want = token_ids(tokenizer, texts, 16)
-    for pad in (tokenizer.pad_token, None):  # None: tokenizers without a pad token take the list path
-        tokenizer.pad_token = pad
-        ids, lengths = token_matrix(tokenizer, texts, 16)
+    texts = ["rated 5/5: Toy Story (1995) | Animation, Children's, Comedy", "a", "word " * 100, ""]
+    for path in (minilm_path, tiny_llama):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        want = token_ids(tokenizer, texts, 16)
+        atoms = AtomTokenizer(tokenizer, 16)
+        assert atoms.ids(texts) == want and max(map(len, want)) == 16
+        ids, lengths = atoms.matrix(texts)
         assert [ids[i, :n].tolist() for i, n in enumerate(lengths)] == want

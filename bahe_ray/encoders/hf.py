@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from bahe_ray.config import EncoderConfig
 from bahe_ray.encoders import default_device, encoder_fingerprint, resolve_model_path
-from bahe_ray.encoders.split import Backbone, pool_hidden, positions_from_mask, to_device, token_matrix
+from bahe_ray.encoders.split import AtomTokenizer, Backbone, pool_hidden, positions_from_mask, to_device
 
 
 def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
@@ -40,9 +40,10 @@ def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]
 class TransformersEncoder:
     """ShallowEncoder on plain transformers (CPU or GPU): fp32 on CPU, bf16 on GPU under dtype="auto".
 
-    Texts are tokenised in chunks on a helper thread (the fast tokenizer releases the GIL) while
+    Texts are tokenised in chunks on a helper thread (the Rust tokenizer releases the GIL) while
     the previous chunk's micro-batches run, and results stay on the device until the end, so on
-    a GPU tokenisation, padding and copies overlap the layers instead of following them.
+    a GPU tokenisation, padding and copies overlap the layers instead of following them. A chunk
+    is sorted by length into micro-batches (little padding); calls of one chunk or less run serially.
     """
 
     chunk_texts = 8192  # texts tokenised per step of the pipeline
@@ -57,6 +58,7 @@ class TransformersEncoder:
         backbone.keep_layers(0, cfg.k)
         self.backbone = backbone.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        self.atoms = AtomTokenizer(self.tokenizer, cfg.max_tokens)
         self.cfg = cfg
         self.dim: int = backbone.hidden_size
         # Padded tokens per micro-batch: small on CPU (cache-friendly), large on GPU (occupancy).
@@ -81,7 +83,7 @@ class TransformersEncoder:
 
     def _tokenize(self, texts: list[str], offset: int) -> tuple[np.ndarray, np.ndarray]:
         """(right-padded ids, lengths) of one chunk; `offset` names texts in errors by input position."""
-        ids, lengths = token_matrix(self.tokenizer, texts, self.cfg.max_tokens)
+        ids, lengths = self.atoms.matrix(texts)
         empty = np.flatnonzero(lengths == 0)
         if empty.size:
             raise ValueError(f"texts at {(empty[:5] + offset).tolist()} have no tokens")
@@ -98,6 +100,7 @@ class TransformersEncoder:
             mask = to_device(np.arange(width)[None, :] < lengths[rows, None], self.device)
             positions = positions_from_mask(mask)
             hidden = self.backbone.embed(input_ids, positions)
-            hidden = self.backbone.run_layers(hidden, mask, 0, self.cfg.k, positions)
+            padded = bool((lengths[rows] < width).any())  # known here: no wait for the GPU
+            hidden = self.backbone.run_layers(hidden, mask, 0, self.cfg.k, positions, padded)
             out[to_device(rows, self.device)] = pool_hidden(self.backbone.final_norm(hidden), mask, self.cfg.pooling)
         return out

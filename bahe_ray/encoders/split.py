@@ -116,21 +116,28 @@ def token_ids(
         tokenizer.truncation_side = previous
 
 
-def token_matrix(tokenizer: Any, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """`token_ids` as a right-padded matrix straight from the fast tokenizer: (ids (n, W), lengths (n,)).
+class AtomTokenizer:
+    """`token_ids(tokenizer, texts, max_length)` (right truncation), from the tokenizer's Rust backend.
 
-    The same tokens as `token_ids(..., side="right")`, without building Python lists per text
-    (a tokenizer without a pad token, e.g. Llama 3's, takes the list path).
+    A private copy of the backend truncates on the right and `encode_batch_fast` skips offsets,
+    so no Python object is built per text besides its id list: about 3x faster than calling the
+    transformers tokenizer (2 cores), which matters once the layers run on a GPU. The copy also
+    makes it safe on a helper thread while the tokenizer is used elsewhere.
     """
-    if tokenizer.pad_token_id is None:
-        return right_pad(token_ids(tokenizer, texts, max_length))
-    saved = tokenizer.truncation_side, tokenizer.padding_side
-    tokenizer.truncation_side, tokenizer.padding_side = "right", "right"
-    try:
-        out = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="np")
-    finally:
-        tokenizer.truncation_side, tokenizer.padding_side = saved
-    return out["input_ids"].astype(np.int64), out["attention_mask"].sum(axis=1).astype(np.int64)
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.enable_truncation(max_length, direction="right")
+        self.backend.no_padding()
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts)]
+
+    def matrix(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded (ids (n, W), lengths (n,))."""
+        return right_pad(self.ids(texts))
 
 
 def to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
@@ -230,15 +237,17 @@ class Backbone(nn.Module):
         )
 
     def run_layers(
-        self, hidden: Tensor, attention_mask: Tensor, start: int, end: int, position_ids: Tensor | None = None
+        self, hidden: Tensor, attention_mask: Tensor, start: int, end: int, position_ids: Tensor | None = None,
+        padded: bool | None = None,
     ) -> Tensor:
         """Hidden states (B, T, d) after layers [start, end).
 
         attention_mask (B, T) marks real tokens (bool or 0/1). position_ids (rotary, decoders
-        only) default to positions counted over real tokens.
+        only) default to positions counted over real tokens. `padded` says whether the mask has
+        padding, if the caller knows; None checks the mask, which waits for the GPU.
         """
         self._check_range(start, end)
-        mask_4d = self._attention_mask(attention_mask)
+        mask_4d = self._attention_mask(attention_mask, padded)
         kwargs: dict[str, Any] = {"attention_mask": mask_4d}
         if self.family == "decoder":
             if position_ids is None:
@@ -253,16 +262,18 @@ class Backbone(nn.Module):
         """The decoder's final norm (what its last_hidden_state and vLLM's pooled output carry); identity for BERT."""
         return self.norm(hidden)
 
-    def _attention_mask(self, mask: Tensor) -> Tensor | None:
+    def _attention_mask(self, mask: Tensor, padded: bool | None = None) -> Tensor | None:
         """The 4-D boolean mask (B, 1, T, T) that sdpa takes (True = attend), or None without padding.
 
         None lets sdpa pick its fastest kernel (is_causal for decoders). A padded query row
         attends to itself only, so no row is fully masked (which would give NaN); real rows
         never see padding, and padded rows are never read. Length-1 sequences (BAHE's items)
-        need no mask, and skip the check, which waits for the GPU.
+        need no mask; otherwise, unless `padded` tells, the mask is checked, which waits for the GPU.
         """
         mask = mask.bool()
-        if mask.shape[1] == 1 or bool(mask.all()):
+        if padded is None:
+            padded = mask.shape[1] > 1 and not bool(mask.all())
+        if not padded:
             return None
         n = mask.shape[1]
         allowed = mask[:, None, None, :].expand(-1, 1, n, n)

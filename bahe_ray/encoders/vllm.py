@@ -5,7 +5,7 @@ weight loading), so the encoder loads a truncated checkpoint (first k layers, to
 config) written once per fingerprint into `encoder.cache_dir` (a local folder or s3://). A
 pooling runner over it returns mean or last-token pooling of `final_norm(h_k)` (decoders) or
 of layer k (BERT): exactly what the transformers backend computes, provided the tokens are the
-same. So texts are tokenised here with `split.token_ids` and passed as token prompts (vLLM's
+same. So texts are tokenised here with `split.AtomTokenizer` and passed as token prompts (vLLM's
 own truncation may keep the other side), and pooling is unnormalised (`use_activation=False`).
 
 In Ray Data each encoder actor holds one engine, run inside the actor's process (vLLM's
@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoTokenizer
 from bahe_ray.config import EncoderConfig, StorageConfig
 from bahe_ray.encoders import default_device, encoder_fingerprint, resolve_model_path
 from bahe_ray.encoders.base import EncoderFingerprint
-from bahe_ray.encoders.split import token_ids, write_truncated_checkpoint
+from bahe_ray.encoders.split import AtomTokenizer, write_truncated_checkpoint
 from bahe_ray.fs import filesystem, is_remote, join
 
 COMPLETE = "_COMPLETE.json"  # written last into a remote cache folder: the files it lists are whole
@@ -119,6 +119,7 @@ class VLLMEncoder:
         self.cfg = cfg
         self.dim: int = config.hidden_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        self.atoms = AtomTokenizer(self.tokenizer, cfg.max_tokens)
         max_model_len = min(cfg.max_tokens + 2, config.max_position_embeddings)
         self.llm = LLM(
             model=str(path),
@@ -138,7 +139,7 @@ class VLLMEncoder:
         """Pooled layer-k vectors, (n, dim) float32, in input order; all texts go to the engine in one call."""
         from vllm.inputs import TokensPrompt
 
-        ids = token_ids(self.tokenizer, list(texts), self.cfg.max_tokens) if texts else []
+        ids = self.atoms.ids(list(texts)) if texts else []
         empty = [i for i, seq in enumerate(ids) if not seq]
         if empty:
             raise ValueError(f"texts at {empty[:5]} have no tokens")

@@ -1,16 +1,22 @@
 #!/bin/bash
-# `bahe bench loop` on one H200 with the slim Ray bundle (carry .raybundle), while py-spy samples the
-# Ray Train worker (collapsed stacks, GIL holders and idle threads); then `bench encode --texts`.
+# On one H200 with the slim Ray bundle (carry .raybundle): `bench encode --texts` (if TEXTS is set), then
+# `bahe bench loop` while py-spy samples the Ray Train worker (collapsed stacks of the GIL holder).
 # Everything it writes is packed into $OUT/loop$TAG.tgz. LOOP_SETS: extra --set options for bench loop.
 set -u
 source .raybundle/install.sh 2>/dev/null || exit 1
 export PYTHONPATH=$PYTHONPATH:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 R=$OUT/loop${TAG:-}; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpu.txt
-(  # profile the Ray Train worker's later epochs
+if [ -n "${TEXTS:-}" ]; then
+  timeout 200 python3 -m bahe_ray.cli bench --set encoder.batch_size=${ENCODE_BATCH:-65536} encode \
+    --model qwen2.5-0.5b --k 6 --batch-atoms 4096 --steps 5 --texts $TEXTS --max-batch-tokens 131072 \
+    --out $R --name encode-cuda-texts${TAG:-} > $R/encode.log 2>&1
+  echo "encode rc $?"; grep -a -E '"atoms_per_s"|"batch_size"|"tokenize_atoms_per_s"' $R/encode.log | head -20
+fi
+(  # profile the Ray Train worker's later epochs (stopped with the loop)
   for _ in $(seq 900); do pid=$(pgrep -f "ray::RayTrainWorker" | head -1); [ -n "$pid" ] && break; sleep 1; done
   sleep ${PROFILE_AFTER:-45}
-  py-spy record -p $pid -d ${PROFILE_S:-20} -r 200 -f raw -t -i -o $R/worker.raw --nonblocking > $R/pyspy.log 2>&1
+  py-spy record -p $pid -d ${PROFILE_S:-20} -r 200 -f raw -t --gil -o $R/worker.raw --nonblocking > $R/pyspy.log 2>&1
   py-spy dump -p $pid > $R/worker-dump.txt 2>&1
 ) &
 read -ra S <<< "${LOOP_SETS:-}"
@@ -20,10 +26,5 @@ timeout ${LOOP_LIMIT:-420} python3 -m bahe_ray.cli bench --set data.synthetic.n_
   --epochs ${EPOCHS:-3} --out $R --name loop-qwen2.5-0.5b-cuda${TAG:-} > $R/loop.log 2>&1
 echo "loop rc $?"; grep -a -E "epoch [0-9]:" $R/loop.log | sed 's/.*\(epoch [0-9]\)/\1/'
 grep -a -A3 '"of_model_level"\|"model_level"' $R/loop.log | head -20
-wait
-if [ -n "${TEXTS:-}" ]; then
-  timeout 200 python3 -m bahe_ray.cli bench encode --model qwen2.5-0.5b --k 6 --batch-atoms 4096 --steps 5 \
-    --texts $TEXTS --max-batch-tokens 16384 131072 --out $R --name encode-cuda-texts > $R/encode.log 2>&1
-  echo "encode rc $?"; grep -a -E '"atoms_per_s"|"batch_size"|"max_batch_tokens"' $R/encode.log | head -20
-fi
+kill %1 2>/dev/null; wait
 tar czf $R.tgz -C $OUT $(basename $R) && rm -rf $R

@@ -10,8 +10,9 @@ Vectors (BAHE) and texts (token baseline) are looked up from the embedding store
 batch is built (`bahe_ray.features`); the sample table carries ids only.
 
 Ray Train (`train_ray`): TorchTrainer over `train.num_workers` workers (gloo on CPU, NCCL on
-GPU); the train split is sharded with `get_dataset_shard`, validation rows are split between
-ranks by a row key and gathered. Every epoch rank 0 writes a checkpoint folder (model,
+GPU); the splits are read into the object store once (`train.materialize_splits`), the train
+split is sharded with `get_dataset_shard`, validation rows are split between ranks by a row key
+and gathered. Every epoch rank 0 writes a checkpoint folder (model,
 optimizer state as safetensors, checkpoint.json with the training state) and all ranks report
 it. After a worker failure Ray restarts the group and `get_checkpoint()` restores model,
 optimizer and training state; the epoch then re-runs with the same per-epoch seed.

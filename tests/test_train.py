@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -29,8 +30,8 @@ from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, make_
 from bahe_ray.model import tokenize_histories
 from bahe_ray.samples import build_configured_samples, read_split_table
 from bahe_ray.train import (
-    FAIL_ONCE_ENV, TableSource, evaluate_checkpoint, fit, gauc, initial_model, make_optimizer, prefetched, train_local,
-    train_ray,
+    FAIL_ONCE_ENV, Stopwatch, TableSource, evaluate_checkpoint, fit, gauc, initial_model, make_optimizer, prefetched,
+    train_local, train_ray,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,6 +147,21 @@ def test_prefetched_keeps_order_raises_producer_errors_and_stops_when_closed() -
     with closing(prefetched(counting(), 2)) as batches:
         assert next(batches) == 0
     assert len(produced) <= 5, "closing stops the producer"
+
+
+def test_stopwatch_counts_the_wait_for_items_not_the_loop_body() -> None:
+    def slow() -> Iterator[int]:
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    waited = Stopwatch()
+    seen = []
+    for item in waited.iterate(slow()):
+        time.sleep(0.2)  # the "training step": not waiting for data
+        seen.append(item)
+    assert seen == [0, 1, 2]
+    assert 0.15 <= waited.seconds < 0.45
 
 
 @pytest.mark.gpu

@@ -7,6 +7,11 @@ worker: its training batches pass through `KillOnce`, which SIGKILLs the worker'
 the first step of epoch 2 if a marker file exists (deleting it first, so it happens once). The injected
 `_ray_worker` is the library's, wrapped; nothing else of `train_ray` changes.
 
+Ray Train's controller takes a worker's reports when it next polls the worker (every 2 s by
+default, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that dies sooner after a report loses it, and
+the group restarts from the checkpoint before (here: from scratch). So the kill waits
+REPORT_POLL_WAIT_S, as a kill in the middle of a real epoch would come long after the report.
+
 The corrupt-checkpoint side: tests/test_train.py::test_checkpoint_roundtrip_and_corruption_is_refused
 (altered, truncated, mismatched model weights); here the optimizer state, which resuming reads.
 """
@@ -17,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ from test_train import ml  # noqa: F401 - a fixture
 
 KILL_EPOCH = 2
 KILL_BEFORE_STEP = 1  # 0-based: one of epoch 2's two steps is trained, then the process dies
+REPORT_POLL_WAIT_S = 6.0  # three of the controller's default poll intervals
 # Metrics that must agree between the interrupted and the uninterrupted run. The resumed epoch
 # starts from the same weights and AdamW state (safetensors, bit-exact), the same per-epoch seed
 # (dropout, shuffle) and the same rows, on the same CPU kernels, so they agree to float32
@@ -58,6 +65,7 @@ class KillOnce:
         for step, table in enumerate(self.source.batches(epoch)):
             if epoch == KILL_EPOCH and step == KILL_BEFORE_STEP and os.path.exists(self.marker):
                 os.remove(self.marker)
+                time.sleep(REPORT_POLL_WAIT_S)
                 os.kill(os.getpid(), signal.SIGKILL)
             yield table
 

@@ -57,8 +57,8 @@ class TransformersEncoder:
             raise ValueError(f"encoder.k={cfg.k}: {cfg.model} has only {backbone.num_layers} layers")
         backbone.keep_layers(0, cfg.k)
         self.backbone = backbone.to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
-        self.atoms = AtomTokenizer(self.tokenizer, cfg.max_tokens)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        self.atoms = AtomTokenizer(tokenizer, cfg.max_tokens)
         self.cfg = cfg
         self.dim: int = backbone.hidden_size
         # Padded tokens per micro-batch: small on CPU (cache-friendly), large on GPU (occupancy).
@@ -95,12 +95,13 @@ class TransformersEncoder:
         out = torch.empty(len(ids), self.dim, dtype=torch.float32, device=self.device)
         for batch in length_batches(lengths.tolist(), self.max_batch_tokens):
             rows = np.asarray(batch)
-            width = int(lengths[rows].max())
+            row_lengths = lengths[rows]
+            width = int(row_lengths.max())
             input_ids = to_device(ids[rows, :width], self.device)
-            mask = to_device(np.arange(width)[None, :] < lengths[rows, None], self.device)
+            mask = to_device(np.arange(width)[None, :] < row_lengths[:, None], self.device)
             positions = positions_from_mask(mask)
             hidden = self.backbone.embed(input_ids, positions)
-            padded = bool((lengths[rows] < width).any())  # known here: no wait for the GPU
+            padded = bool((row_lengths < width).any())  # known here: no wait for the GPU
             hidden = self.backbone.run_layers(hidden, mask, 0, self.cfg.k, positions, padded)
             out[to_device(rows, self.device)] = pool_hidden(self.backbone.final_norm(hidden), mask, self.cfg.pooling)
         return out

@@ -118,8 +118,8 @@ class VLLMEncoder:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
         self.cfg = cfg
         self.dim: int = config.hidden_size
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
-        self.atoms = AtomTokenizer(self.tokenizer, cfg.max_tokens)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        self.atoms = AtomTokenizer(tokenizer, cfg.max_tokens)
         max_model_len = min(cfg.max_tokens + 2, config.max_position_embeddings)
         self.llm = LLM(
             model=str(path),

@@ -64,7 +64,14 @@ def configure_trainable(backbone: Backbone, cfg: ModelConfig) -> None:
 
 
 class _BackboneCTR(nn.Module):
-    """What BaheCTR and TokenCTR share: layers [start, L) + final norm, field embedding, head."""
+    """What BaheCTR and TokenCTR share: layers [start, L) + final norm, field embedding, head.
+
+    Both run the item's short pass through the layers before the users' long pass: autograd
+    runs the later pass's backward first, and were that the item's, it would create every
+    layer's weight gradient while all the user pass's activations are still held (+0.54 GB at
+    BAHE's peak, Qwen2.5-0.5B shape, k=6, batch 8, N=200, on an H200). In this order the user
+    pass's activations are freed layer by layer as the gradients appear.
+    """
 
     def __init__(self, backbone: Backbone, start: int, n_fields: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -120,6 +127,9 @@ class BaheCTR(_BackboneCTR):
         hist, mask = batch["hist"], batch["hist_mask"].bool()
         b, f, n, d = hist.shape
         dtype = self.backbone.dtype
+        items = batch["item"]
+        item_mask = torch.ones(items.shape[0], 1, dtype=torch.bool, device=items.device)
+        item = self.aggregate(items.to(dtype)[:, None, :], item_mask)  # first: see _BackboneCTR
         x = hist.to(dtype).reshape(b * f, n, d)
         fields = self.field_rows(b, dtype)
         if fields is not None:
@@ -127,9 +137,6 @@ class BaheCTR(_BackboneCTR):
         users = self.aggregate(x, mask.reshape(b * f, n)).view(b, f, d)
         if "user_index" in batch:  # several samples share one history row
             users = users[batch["user_index"]]
-        items = batch["item"]
-        item_mask = torch.ones(items.shape[0], 1, dtype=torch.bool, device=items.device)
-        item = self.aggregate(items.to(dtype)[:, None, :], item_mask)
         return self.head(users, item)
 
 
@@ -154,11 +161,11 @@ class TokenCTR(_BackboneCTR):
         return pool_hidden(self.deep(hidden, mask, positions), mask, "mean")
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        item = self.read(batch["item_input_ids"], batch["item_attention_mask"].bool())  # first: see _BackboneCTR
         ids, mask = batch["hist_input_ids"], batch["hist_attention_mask"].bool()
         b, f, t = ids.shape
         fields = self.field_rows(b, self.backbone.dtype)
         users = self.read(ids.reshape(b * f, t), mask.reshape(b * f, t), fields).view(b, f, -1)
-        item = self.read(batch["item_input_ids"], batch["item_attention_mask"].bool())
         return self.head(users, item)
 
 

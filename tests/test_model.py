@@ -189,3 +189,25 @@ def test_random_weight_presets_build_both_models() -> None:
         "item_input_ids": ids[:, 0, :3], "item_attention_mask": torch.ones(2, 3, dtype=torch.bool),
     }
     check_trains(token, batch)
+
+
+def test_user_pass_backward_runs_before_the_item_pass() -> None:
+    """The order that keeps the peak low (see _BackboneCTR): the bottom layer's backward sees the
+    user sequences (length N or T) before the item's (length 1 or Ti)."""
+    config = Qwen2Config(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=128, vocab_size=100,
+    )
+    ids = torch.randint(0, 100, (2, 1, 8))
+    batches = {
+        "bahe": bahe_batch(2, 1, 6, 64),
+        "token": {"hist_input_ids": ids, "hist_attention_mask": torch.ones_like(ids, dtype=torch.bool),
+                  "item_input_ids": ids[:, 0, :3], "item_attention_mask": torch.ones(2, 3, dtype=torch.bool)},
+    }
+    for side, batch in batches.items():
+        model = BaheCTR(backbone_from_config(config), 1, 1, ModelConfig()) if side == "bahe" else \
+            TokenCTR(backbone_from_config(config), 1, ModelConfig())
+        lengths: list[int] = []
+        model.backbone.layers[0].register_full_backward_pre_hook(lambda _, grad: lengths.append(grad[0].shape[1]))
+        model(batch).sum().backward()
+        assert lengths == ([6, 1] if side == "bahe" else [8, 3]), side

@@ -128,17 +128,6 @@ def load_backbone(model: str | PretrainedConfig, dtype: torch.dtype, device: str
     return backbone.to(device)
 
 
-def compile_layers(backbone: Backbone) -> None:
-    """torch.compile each transformer layer (regional: identical layers share one compiled graph).
-
-    Variants (first layer's input without grad, length-1 item sequences, batch sizes) each
-    compile once, hence the raised recompile limit.
-    """
-    torch._dynamo.config.recompile_limit = 64
-    for layer in backbone.layers:
-        layer.compile()
-
-
 def model_label(model: str | PretrainedConfig) -> str:
     return model if isinstance(model, str) else f"{model.model_type}-h{model.hidden_size}-l{model.num_hidden_layers}"
 
@@ -294,7 +283,7 @@ class TrainSide:
         ).to(device)
         self.model.train()
         if compile:
-            compile_layers(self.model.backbone)
+            self.model.backbone.compile_layers()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
         self.store, self.lookup = store, lookup
@@ -616,7 +605,7 @@ def bench_encode_model(
     backbone.keep_layers(0, k)
     backbone.eval()
     if compile:
-        compile_layers(backbone)
+        backbone.compile_layers()
     params, width = layer_parameters(backbone), attention_width(backbone.config)
     peak = matmul_peak_tflops(device)
     rows: list[Result] = []
@@ -674,7 +663,9 @@ def random_texts(n: int, chars: int, seed: int = 0) -> list[str]:
 def bench_encode_texts(encoder: Any, texts: list[str], batch_size: int) -> Result:
     """`encoder.encode` over `texts` in calls of `batch_size` atoms, as the encode job's actors call it;
     tokenisation alone is timed too (it runs on the host inside encode)."""
-    encoder.encode(texts[:batch_size])  # warm-up
+    encoder.encode(texts[:batch_size])  # warm-up: the calls' shapes (a compiled encoder compiles them here)
+    if len(texts) % batch_size:
+        encoder.encode(texts[-(len(texts) % batch_size):])
     start = time.perf_counter()
     n_tokens = sum(len(ids) for ids in encoder.atoms.ids(texts))
     tokenize_s = time.perf_counter() - start
@@ -686,6 +677,7 @@ def bench_encode_texts(encoder: Any, texts: list[str], batch_size: int) -> Resul
         "atoms": len(texts), "tokens": n_tokens, "batch_size": batch_size,
         "max_batch_tokens": encoder.max_batch_tokens, "seconds": round(seconds, 3),
         "atoms_per_s": round(len(texts) / seconds, 1), "tokenize_atoms_per_s": round(len(texts) / tokenize_s, 1),
+        "compile": encoder.cfg.compile,
     }
 
 
@@ -893,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--events", type=int, default=1_000_000, help="synthetic events")
     e.add_argument("--warmup", type=int, default=3)
     e.add_argument("--steps", type=int, default=10)
-    e.add_argument("--compile", action="store_true")
+    e.add_argument("--compile", action="store_true", help="torch.compile the k layers (model level and --texts)")
     common(e)
 
     v = sub.add_parser("serve", help="latency and throughput of POST /v1/score from concurrent clients")
@@ -955,7 +947,8 @@ def run_encode(cfg: Config, args: argparse.Namespace) -> list[Path]:
             from bahe_ray.encoders.hf import TransformersEncoder
 
             path = random_checkpoint(args.model or "qwen2.5-0.5b", args.k, Path(tmp) / "ckpt")
-            enc_cfg = EncoderConfig(model=str(path), k=args.k, max_tokens=args.tokens)
+            enc_cfg = EncoderConfig(model=str(path), k=args.k, max_tokens=args.tokens,
+                                    compile=args.compile or cfg.encoder.compile)
             texts = random_texts(args.texts, args.tokens)
             result["texts"] = []
             for max_tokens in args.max_batch_tokens:

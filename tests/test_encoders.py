@@ -134,3 +134,17 @@ def test_atom_tokenizer_gives_the_transformers_tokens(minilm_path: Path, tiny_ll
         assert atoms.ids(texts) == want and max(map(len, want)) == 16
         ids, lengths = atoms.matrix(texts)
         assert [ids[i, :n].tolist() for i, n in enumerate(lengths)] == want
+
+
+def test_compiled_encoder_gives_the_same_vectors(tiny_qwen2: Path) -> None:
+    """encoder.compile: torch.compile'd layers (inductor, here its CPU code) over padded and unpadded micro-batches."""
+    eager = TransformersEncoder(EncoderConfig(model=str(tiny_qwen2), k=2)).encode(TEXTS)
+    compiled = TransformersEncoder(EncoderConfig(model=str(tiny_qwen2), k=2, compile=True), max_batch_tokens=32)
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl for layer in compiled.backbone.layers)
+    np.testing.assert_allclose(compiled.encode(TEXTS), eager, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(compiled.encode(TEXTS[:1] * 3), eager[[0, 0, 0]], atol=1e-4, rtol=0)
+
+
+def test_compile_is_refused_for_vllm() -> None:
+    with pytest.raises(ValueError, match="encoder.compile"):
+        EncoderConfig(backend="vllm", compile=True)

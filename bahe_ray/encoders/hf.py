@@ -57,6 +57,8 @@ class TransformersEncoder:
             raise ValueError(f"encoder.k={cfg.k}: {cfg.model} has only {backbone.num_layers} layers")
         backbone.keep_layers(0, cfg.k)
         self.backbone = backbone.to(self.device).eval()
+        if cfg.compile:
+            self.backbone.compile_layers()
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
         self.atoms = AtomTokenizer(tokenizer, cfg.max_tokens)
         self.cfg = cfg

@@ -9,6 +9,7 @@ padding masked), which is what vLLM does per prompt, so the vLLM backend must to
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,13 +38,37 @@ def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]
     return batches
 
 
+class HostCopy:
+    """One chunk's vectors on their way to the host: from a GPU, an asynchronous copy into pinned
+    memory. A plain copy to pageable memory ran at 1.3 GB/s on an H200 host and, after the
+    last chunk, added a serial 0.18 s to every call of 65,536 texts."""
+
+    def __init__(self, start: int, vectors: torch.Tensor) -> None:
+        self.start = start
+        self.host = vectors.to("cpu", non_blocking=True)  # pinned when it leaves a GPU
+        self.event: torch.cuda.Event | None = None
+        if vectors.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def write(self, out: np.ndarray) -> None:
+        """Put the vectors into their rows of `out`, once the copy is done."""
+        if self.event is not None:
+            self.event.synchronize()
+        out[self.start : self.start + len(self.host)] = self.host.numpy()
+
+
 class TransformersEncoder:
     """ShallowEncoder on plain transformers (CPU or GPU): fp32 on CPU, bf16 on GPU under dtype="auto".
 
     Texts are tokenised in chunks on a helper thread (the Rust tokenizer releases the GIL) while
-    the previous chunk's micro-batches run, and results stay on the device until the end, so on
-    a GPU tokenisation, padding and copies overlap the layers instead of following them. A chunk
-    is sorted by length into micro-batches (little padding); calls of one chunk or less run serially.
+    the previous chunk's micro-batches run, and each chunk's results are copied to the host as
+    soon as the GPU has them, so on a GPU tokenisation, padding and copies overlap the layers
+    instead of following them. A chunk is sorted by length into micro-batches (little padding);
+    calls of one chunk or less run serially.
     """
 
     chunk_texts = 8192  # texts tokenised per step of the pipeline
@@ -73,15 +98,20 @@ class TransformersEncoder:
         chunks = [texts[i : i + self.chunk_texts] for i in range(0, len(texts), self.chunk_texts)]
         if not chunks:
             return np.empty((0, self.dim), dtype=np.float32)
-        results: list[torch.Tensor] = []
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        copies: deque[HostCopy] = deque()
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenised = pool.submit(self._tokenize, chunks[0], 0)
             for number in range(len(chunks)):
                 ids = tokenised.result()
                 if number + 1 < len(chunks):
                     tokenised = pool.submit(self._tokenize, chunks[number + 1], (number + 1) * self.chunk_texts)
-                results.append(self._encode_chunk(ids))
-        return torch.cat(results).cpu().numpy()
+                copies.append(HostCopy(number * self.chunk_texts, self._encode_chunk(ids)))
+                while copies and copies[0].done():  # chunks already on the host, while the GPU runs on
+                    copies.popleft().write(out)
+        while copies:
+            copies.popleft().write(out)
+        return out
 
     def _tokenize(self, texts: list[str], offset: int) -> tuple[np.ndarray, np.ndarray]:
         """(right-padded ids, lengths) of one chunk; `offset` names texts in errors by input position."""

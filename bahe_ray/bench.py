@@ -270,7 +270,7 @@ class TrainSide:
 
     def __init__(
         self, side: Side, model: str | PretrainedConfig, k: int, n_fields: int, tokens: int, device: str,
-        store: Any = None, lookup: Lookup = "device", compile: bool = False,
+        store: Any = None, lookup: Lookup = "device", compile: bool = False, compile_mode: str | None = None,
     ) -> None:
         self.side, self.k, self.n_fields, self.tokens, self.device = side, k, n_fields, tokens, device
         self.rss_at_build = PeakRSS.current()
@@ -282,8 +282,9 @@ class TrainSide:
             BaheCTR(backbone, k, n_fields, cfg) if side == "bahe" else TokenCTR(backbone, n_fields, cfg)
         ).to(device)
         self.model.train()
+        self.cuda_graphs = compile and compile_mode == "reduce-overhead"
         if compile:
-            self.model.backbone.compile_layers()
+            self.model.backbone.compile_layers(compile_mode)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
         self.store, self.lookup = store, lookup
@@ -340,6 +341,8 @@ class TrainSide:
         return {"hist": hist, "hist_mask": mask, "item": item}
 
     def step(self, inputs: dict[str, Tensor]) -> None:
+        if self.cuda_graphs:  # a new step: the graphs may reuse the previous step's memory
+            torch.compiler.cudagraph_mark_step_begin()
         loss = F.binary_cross_entropy_with_logits(self.model(self.batch(inputs)), inputs["labels"])
         loss.backward()
         self.optimizer.step()
@@ -438,6 +441,7 @@ def bench_train(
     lookup: Lookup | None = None,
     atoms: int = 100_000,
     compile: bool = False,
+    compile_mode: str | None = None,
     sides: tuple[Side, ...] = ("bahe", "token"),
     device: str = "auto",
     progress: Callable[[Result], None] | None = None,
@@ -461,6 +465,7 @@ def bench_train(
         "dtype": str(compute_dtype(device)).removeprefix("torch."),
         "optimizer": "AdamW fused" if device.startswith("cuda") else "AdamW foreach",
         "compile": compile,
+        "compile_mode": compile_mode,
         "lookup": lookup,
         "store_atoms": atoms,
         "budget_gb": budget_gb,
@@ -478,7 +483,7 @@ def bench_train(
     with tempfile.TemporaryDirectory() as tmp:
         store = random_store(Path(tmp) / "store", config.hidden_size, atoms) if "bahe" in sides else None
         for side in sides:
-            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile)
+            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile, compile_mode)
             data: Result = {"layer_params": ts.layer_params, "layers": ts.n_layers, "equal": [], "best": []}
             per_side[side] = data
             for n in ns:
@@ -865,6 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: device on GPU, host on CPU)")
     t.add_argument("--atoms", type=int, default=100_000, help="atoms in the benchmark's embedding store")
     t.add_argument("--compile", action="store_true", help="torch.compile every transformer layer (both sides)")
+    t.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default=None,
+                   help="torch.compile mode with --compile; reduce-overhead replays each layer as a CUDA graph")
     t.add_argument("--sides", nargs="+", choices=["bahe", "token"], default=["bahe", "token"])
     common(t)
 
@@ -924,7 +931,7 @@ def run_train(args: argparse.Namespace) -> list[Path]:
         result = bench_train(
             model, k=args.k, tokens=args.tokens, fields=args.fields, ns=args.n, equal_batch=args.batch,
             best_ns=best_n, budget_gb=args.budget_gb, max_batch=args.max_batch, warmup=args.warmup,
-            steps=args.steps, lookup=args.lookup, atoms=args.atoms, compile=args.compile,
+            steps=args.steps, lookup=args.lookup, atoms=args.atoms, compile=args.compile, compile_mode=args.compile_mode,
             sides=tuple(args.sides), device=device, progress=lambda partial: write_result(partial, args.out, name),
         )
         written.append(write_result(result, args.out, name, plot_train))

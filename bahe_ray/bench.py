@@ -271,6 +271,7 @@ class TrainSide:
     def __init__(
         self, side: Side, model: str | PretrainedConfig, k: int, n_fields: int, tokens: int, device: str,
         store: Any = None, lookup: Lookup = "device", compile: bool = False, compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         self.side, self.k, self.n_fields, self.tokens, self.device = side, k, n_fields, tokens, device
         self.rss_at_build = PeakRSS.current()
@@ -282,9 +283,9 @@ class TrainSide:
             BaheCTR(backbone, k, n_fields, cfg) if side == "bahe" else TokenCTR(backbone, n_fields, cfg)
         ).to(device)
         self.model.train()
-        self.cuda_graphs = compile and compile_mode == "reduce-overhead"
+        self.cuda_graphs = compile and (compile_mode == "reduce-overhead" or compile_backend == "cudagraphs")
         if compile:
-            self.model.backbone.compile_layers(compile_mode)
+            self.model.backbone.compile_layers(compile_mode, compile_backend)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
         self.store, self.lookup = store, lookup
@@ -442,6 +443,7 @@ def bench_train(
     atoms: int = 100_000,
     compile: bool = False,
     compile_mode: str | None = None,
+    compile_backend: str = "inductor",
     sides: tuple[Side, ...] = ("bahe", "token"),
     device: str = "auto",
     progress: Callable[[Result], None] | None = None,
@@ -466,6 +468,7 @@ def bench_train(
         "optimizer": "AdamW fused" if device.startswith("cuda") else "AdamW foreach",
         "compile": compile,
         "compile_mode": compile_mode,
+        "compile_backend": compile_backend,
         "lookup": lookup,
         "store_atoms": atoms,
         "budget_gb": budget_gb,
@@ -483,7 +486,7 @@ def bench_train(
     with tempfile.TemporaryDirectory() as tmp:
         store = random_store(Path(tmp) / "store", config.hidden_size, atoms) if "bahe" in sides else None
         for side in sides:
-            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile, compile_mode)
+            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile, compile_mode, compile_backend)
             data: Result = {"layer_params": ts.layer_params, "layers": ts.n_layers, "equal": [], "best": []}
             per_side[side] = data
             for n in ns:
@@ -872,6 +875,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile every transformer layer (both sides)")
     t.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default=None,
                    help="torch.compile mode with --compile; reduce-overhead replays each layer as a CUDA graph")
+    t.add_argument("--compile-backend", choices=["inductor", "cudagraphs"], default="inductor",
+                   help="torch.compile backend with --compile; cudagraphs replays the eager kernels as CUDA graphs")
     t.add_argument("--sides", nargs="+", choices=["bahe", "token"], default=["bahe", "token"])
     common(t)
 
@@ -932,6 +937,7 @@ def run_train(args: argparse.Namespace) -> list[Path]:
             model, k=args.k, tokens=args.tokens, fields=args.fields, ns=args.n, equal_batch=args.batch,
             best_ns=best_n, budget_gb=args.budget_gb, max_batch=args.max_batch, warmup=args.warmup,
             steps=args.steps, lookup=args.lookup, atoms=args.atoms, compile=args.compile, compile_mode=args.compile_mode,
+            compile_backend=args.compile_backend,
             sides=tuple(args.sides), device=device, progress=lambda partial: write_result(partial, args.out, name),
         )
         written.append(write_result(result, args.out, name, plot_train))

@@ -258,16 +258,17 @@ class Backbone(nn.Module):
             hidden = layer(hidden, **kwargs)
         return hidden
 
-    def compile_layers(self, mode: str | None = None) -> None:
+    def compile_layers(self, mode: str | None = None, backend: str = "inductor") -> None:
         """torch.compile each held layer (regional: identical layers share one compiled graph).
 
         Variants (inputs with and without grad, padded or not, length-1 items, new shapes until
         dynamo marks them dynamic) each compile once, hence the raised (process-wide) recompile limit.
-        mode="reduce-overhead" replays each layer as a CUDA graph (fewer launches for small batches).
+        mode="reduce-overhead" replays each layer as a CUDA graph (fewer launches for small batches);
+        backend="cudagraphs" does that with the eager kernels (no inductor fusion).
         """
         torch._dynamo.config.recompile_limit = 64
         for layer in self.layers:
-            layer.compile(mode=mode)
+            layer.compile(mode=mode, backend=backend)
 
     def final_norm(self, hidden: Tensor) -> Tensor:
         """The decoder's final norm (what its last_hidden_state and vLLM's pooled output carry); identity for BERT."""

@@ -148,3 +148,15 @@ def test_compiled_encoder_gives_the_same_vectors(tiny_qwen2: Path) -> None:
 def test_compile_is_refused_for_vllm() -> None:
     with pytest.raises(ValueError, match="encoder.compile"):
         EncoderConfig(backend="vllm", compile=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chunked_calls_put_every_vector_in_its_row(tiny_llama: Path, device: str) -> None:
+    """Chunks tokenised ahead and copied back one by one (pinned and asynchronous from a GPU) land in input order."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfg = EncoderConfig(model=str(tiny_llama), k=2, dtype="float32")
+    whole = TransformersEncoder(cfg, device="cpu").encode(TEXTS * 3)
+    chunked = TransformersEncoder(cfg, device=device)
+    chunked.chunk_texts = 2  # 8 chunks of at most 2 texts
+    np.testing.assert_allclose(chunked.encode(TEXTS * 3), whole, atol=1e-4, rtol=0)

@@ -94,6 +94,19 @@ def test_bench_train_writes_json_and_png(tmp_path: Path) -> None:
     assert loaded["sides"]["bahe"]["equal"][1]["tokens"] == 5
 
 
+def test_compile_options_reach_the_layers_and_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile --compile-backend cudagraphs: every layer compiled, each step marked as a new one
+    for the CUDA graphs (on CPU the graphs are skipped and the compiled layers run as they are)."""
+    store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
+    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", store, "host", compile=True, compile_backend="cudagraphs")
+    assert side.cuda_graphs and all(layer._compiled_call_impl is not None for layer in side.model.backbone.layers)
+    marks: list[int] = []
+    original = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or original())
+    row = side.measure(2, 3, warmup=1, steps=2)
+    assert not row["oom"] and row["step_ms"] > 0 and len(marks) == 3
+
+
 def test_bench_encode_model_counts_flops_per_atom() -> None:
     result = bench.bench_encode_model(TINY, k=1, tokens=8, batch_atoms=[2, 4], device="cpu", warmup=0, steps=1)
     assert [r["atoms_per_batch"] for r in result["rows"]] == [2, 4]

@@ -83,9 +83,11 @@ class _BackboneCTR(nn.Module):
         self.field_embedding = nn.Parameter(torch.zeros(n_fields, d)) if cfg.field_embedding else None
         self.head = CTRHead((n_fields + 1) * d, cfg.head_hidden, cfg.dropout)
 
-    def deep(self, hidden: Tensor, mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    def deep(
+        self, hidden: Tensor, mask: Tensor, position_ids: Tensor | None = None, padded: bool | None = None
+    ) -> Tensor:
         """Layers [start, L) then the final norm over (S, T, d): exactly the full model's top."""
-        hidden = self.backbone.run_layers(hidden, mask, self.start, self.backbone.num_layers, position_ids)
+        hidden = self.backbone.run_layers(hidden, mask, self.start, self.backbone.num_layers, position_ids, padded)
         return self.backbone.final_norm(hidden)
 
     def field_rows(self, batch_size: int, dtype: torch.dtype) -> Tensor | None:
@@ -115,15 +117,17 @@ class BaheCTR(_BackboneCTR):
         super().__init__(backbone, k, n_fields, cfg)
         self.positions = None if table is None else nn.Embedding.from_pretrained(table, freeze=cfg.trainable != "full")
 
-    def aggregate(self, x: Tensor, mask: Tensor) -> Tensor:
+    def aggregate(self, x: Tensor, mask: Tensor, padded: bool | None = None) -> Tensor:
         """Sequences of behaviour vectors (S, N, d) -> one pooled vector each (S, d) float32."""
         x = torch.where(mask[..., None], x, 0.0)  # padding content never matters, even NaN
         positions = positions_from_mask(mask)
         if self.positions is not None:
             x = x + self.positions(positions).to(x.dtype)
-        return pool_hidden(self.deep(x, mask, positions), mask, "mean")
+        return pool_hidden(self.deep(x, mask, positions, padded), mask, "mean")
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+    def forward(self, batch: dict[str, Tensor], padded: bool | None = None) -> Tensor:
+        """Logits (B,). `padded`: whether hist_mask has padding, if the caller knows (True is always
+        correct, False a promise); None checks the mask, which waits for the GPU."""
         hist, mask = batch["hist"], batch["hist_mask"].bool()
         b, f, n, d = hist.shape
         dtype = self.backbone.dtype
@@ -134,7 +138,7 @@ class BaheCTR(_BackboneCTR):
         fields = self.field_rows(b, dtype)
         if fields is not None:
             x = x + fields
-        users = self.aggregate(x, mask.reshape(b * f, n)).view(b, f, d)
+        users = self.aggregate(x, mask.reshape(b * f, n), padded).view(b, f, d)
         if "user_index" in batch:  # several samples share one history row
             users = users[batch["user_index"]]
         return self.head(users, item)
@@ -152,20 +156,21 @@ class TokenCTR(_BackboneCTR):
         backbone.embeddings.requires_grad_(False)
         self.max_length = min(cfg.token_max_length, backbone.max_positions)  # for tokenize_histories
 
-    def read(self, input_ids: Tensor, mask: Tensor, fields: Tensor | None = None) -> Tensor:
+    def read(self, input_ids: Tensor, mask: Tensor, fields: Tensor | None = None, padded: bool | None = None) -> Tensor:
         """Token sequences (S, T) -> embeddings (+ field rows) -> all layers -> masked mean (S, d) float32."""
         positions = positions_from_mask(mask)
         hidden = self.backbone.embed(input_ids, positions)
         if fields is not None:
             hidden = hidden + fields
-        return pool_hidden(self.deep(hidden, mask, positions), mask, "mean")
+        return pool_hidden(self.deep(hidden, mask, positions, padded), mask, "mean")
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        item = self.read(batch["item_input_ids"], batch["item_attention_mask"].bool())  # first: see _BackboneCTR
+    def forward(self, batch: dict[str, Tensor], padded: bool | None = None) -> Tensor:
+        """Logits (B,). `padded`: whether either attention mask has padding, as in BaheCTR.forward."""
+        item = self.read(batch["item_input_ids"], batch["item_attention_mask"].bool(), None, padded)  # first: see _BackboneCTR
         ids, mask = batch["hist_input_ids"], batch["hist_attention_mask"].bool()
         b, f, t = ids.shape
         fields = self.field_rows(b, self.backbone.dtype)
-        users = self.read(ids.reshape(b * f, t), mask.reshape(b * f, t), fields).view(b, f, -1)
+        users = self.read(ids.reshape(b * f, t), mask.reshape(b * f, t), fields, padded).view(b, f, -1)
         return self.head(users, item)
 
 

@@ -211,3 +211,38 @@ def test_user_pass_backward_runs_before_the_item_pass() -> None:
         model.backbone.layers[0].register_full_backward_pre_hook(lambda _, grad: lengths.append(grad[0].shape[1]))
         model(batch).sum().backward()
         assert lengths == ([6, 1] if side == "bahe" else [8, 3]), side
+
+
+def test_padding_told_by_the_caller_reads_no_mask_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """forward(batch, padded=...) gives the checked path's logits and never turns a tensor into a
+    Python value (on a GPU, that read waits for every queued kernel, and CUDA graphs cannot capture it)."""
+    config = Qwen2Config(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=128, vocab_size=100,
+    )
+    torch.manual_seed(0)
+    bahe = BaheCTR(backbone_from_config(config), 1, 2, ModelConfig()).eval()
+    token = TokenCTR(backbone_from_config(config), 2, ModelConfig()).eval()
+    full = bahe_batch(3, 2, 5, 64) | {"hist_mask": torch.ones(3, 2, 5, dtype=torch.bool)}
+    ids = torch.randint(0, 100, (3, 2, 8))
+    token_full = {"hist_input_ids": ids, "hist_attention_mask": torch.ones_like(ids, dtype=torch.bool),
+                  "item_input_ids": ids[:, 0, :3], "item_attention_mask": torch.ones(3, 3, dtype=torch.bool)}
+    token_padded = token_full | {"hist_attention_mask": torch.arange(8) < torch.tensor([[8, 5], [2, 8], [6, 1]])[..., None]}
+    cases = [(bahe, full, False), (bahe, bahe_batch(3, 2, 5, 64), True),
+             (token, token_full, False), (token, token_padded, True)]
+    with torch.no_grad():
+        checked = [model(batch) for model, batch, _ in cases]
+        unpadded_as_padded = bahe(full, padded=True)  # True is always correct, only slower
+
+        def no_host_read(*_: object) -> None:
+            raise AssertionError("a tensor was read on the host")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "__bool__", no_host_read)
+            patch.setattr(torch.Tensor, "item", no_host_read)
+            told = [model(batch, padded=padded) for model, batch, padded in cases]
+            with pytest.raises(AssertionError, match="read on the host"):
+                bahe(full)
+    for a, b in zip(told, checked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unpadded_as_padded, checked[0], atol=1e-5, rtol=0)

@@ -13,7 +13,8 @@
 
 Models are random-weight presets of real shapes (`preset_config`), "minilm-shape" (a random BERT of
 all-MiniLM-L6-v2's shape) or real checkpoints (MINILM, a local folder); speed does not depend on
-the weights. Inputs have no padding, so sdpa gets no mask and picks flash kernels on both sides.
+the weights. Inputs have no padding, so sdpa gets no mask and picks flash kernels on both sides
+(the models are told so: no step waits for the GPU to check the masks).
 Every timing is the median over timed steps after warm-up steps (CUDA events on GPU). Peak memory:
 `max_memory_allocated` / `max_memory_reserved` on GPU; on CPU the peak resident set during the
 timed steps above the resident set before the model was built. FLOPs follow the PaLM convention:
@@ -265,14 +266,45 @@ def host_lookup(store: Any, ids: Tensor, device: str) -> Tensor:
 # ---- one side of the training benchmark ------------------------------------------------------
 
 
+class GraphedStep:
+    """A training step of fixed shapes captured once as one CUDA graph, then replayed.
+
+    A replay is a single launch, so the step's Python, autograd and per-kernel launch costs are
+    gone: what small batches are bound by. The step must not read device values on the host, and
+    its optimizer must be capturable. `warmup` eager steps run first on a side stream (lazy state
+    such as the optimizer's moments must exist before capture); each call copies its inputs into
+    the graph's buffers. What the step allocates stays in the graph's private pool while it lives.
+    """
+
+    def __init__(self, step: Callable[[dict[str, Tensor]], None], inputs: dict[str, Tensor], warmup: int = 3) -> None:
+        self.inputs = {key: value.clone() for key, value in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step(self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.empty_cache()  # the side stream's cached blocks: reserved memory is then the graph's own
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step(self.inputs)
+
+    def __call__(self, inputs: dict[str, Tensor]) -> None:
+        for key, value in inputs.items():
+            self.inputs[key].copy_(value, non_blocking=True)
+        self.graph.replay()
+
+
 class TrainSide:
     """BaheCTR or TokenCTR with fused (GPU) AdamW, timed at any N behaviours and batch size."""
 
     def __init__(
         self, side: Side, model: str | PretrainedConfig, k: int, n_fields: int, tokens: int, device: str,
         store: Any = None, lookup: Lookup = "device", compile: bool = False, compile_mode: str | None = None,
-        compile_backend: str = "inductor",
+        compile_backend: str = "inductor", cuda_graph: bool = False,
     ) -> None:
+        if cuda_graph and not device.startswith("cuda"):
+            raise ValueError(f"cuda_graph: the whole-step CUDA graph needs a CUDA device, not {device!r}")
         self.side, self.k, self.n_fields, self.tokens, self.device = side, k, n_fields, tokens, device
         self.rss_at_build = PeakRSS.current()
         dtype = compute_dtype(device)
@@ -284,10 +316,13 @@ class TrainSide:
         ).to(device)
         self.model.train()
         self.cuda_graphs = compile and (compile_mode == "reduce-overhead" or compile_backend == "cudagraphs")
+        if cuda_graph and self.cuda_graphs:
+            raise ValueError("cuda_graph: the step is captured whole; compile without CUDA graphs of its own")
+        self.cuda_graph = cuda_graph
         if compile:
             self.model.backbone.compile_layers(compile_mode, compile_backend)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"), capturable=cuda_graph)
         self.store, self.lookup = store, lookup
         self.table = DeviceTable(store, device, dtype) if side == "bahe" and lookup == "device" else None
         self.atom_ids = torch.from_numpy(store.ids()) if side == "bahe" else None
@@ -317,7 +352,8 @@ class TrainSide:
             pick = torch.randint(0, len(self.atom_ids), (batch, self.n_fields, n + 1), generator=g)
             ids = self.atom_ids[pick]
             ids = ids.to(self.device) if self.lookup == "device" else ids
-            return {"hist_ids": ids[..., :n], "item_ids": ids[:, 0, n], "labels": labels}
+            # contiguous slices: searchsorted would copy (and warn) inside every step
+            return {"hist_ids": ids[..., :n].contiguous(), "item_ids": ids[:, 0, n].contiguous(), "labels": labels}
         t = self.sequence_tokens(n)
         hist = torch.randint(0, self.vocab, (batch, self.n_fields, t), generator=g)
         item = torch.randint(0, self.vocab, (batch, self.tokens), generator=g)
@@ -344,7 +380,8 @@ class TrainSide:
     def step(self, inputs: dict[str, Tensor]) -> None:
         if self.cuda_graphs:  # a new step: the graphs may reuse the previous step's memory
             torch.compiler.cudagraph_mark_step_begin()
-        loss = F.binary_cross_entropy_with_logits(self.model(self.batch(inputs)), inputs["labels"])
+        logits = self.model(self.batch(inputs), padded=False)  # see inputs(): no padding
+        loss = F.binary_cross_entropy_with_logits(logits, inputs["labels"])
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -357,8 +394,9 @@ class TrainSide:
         cuda = self.device.startswith("cuda")
         try:
             if cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
-                times = time_calls(lambda i: self.step(sets[i % 2]), self.device, warmup, steps)
+                torch.cuda.reset_peak_memory_stats(self.device)  # the peak includes the graph's capture
+                step = GraphedStep(self.step, sets[0], warmup) if self.cuda_graph else self.step
+                times = time_calls(lambda i: step(sets[i % 2]), self.device, warmup, steps)
                 peak, reserved = torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
             else:
                 with PeakRSS() as rss:
@@ -444,6 +482,7 @@ def bench_train(
     compile: bool = False,
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
+    cuda_graph: bool = False,
     sides: tuple[Side, ...] = ("bahe", "token"),
     device: str = "auto",
     progress: Callable[[Result], None] | None = None,
@@ -469,6 +508,7 @@ def bench_train(
         "compile": compile,
         "compile_mode": compile_mode,
         "compile_backend": compile_backend,
+        "cuda_graph": cuda_graph,
         "lookup": lookup,
         "store_atoms": atoms,
         "budget_gb": budget_gb,
@@ -486,7 +526,8 @@ def bench_train(
     with tempfile.TemporaryDirectory() as tmp:
         store = random_store(Path(tmp) / "store", config.hidden_size, atoms) if "bahe" in sides else None
         for side in sides:
-            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile, compile_mode, compile_backend)
+            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile, compile_mode, compile_backend,
+                           cuda_graph)
             data: Result = {"layer_params": ts.layer_params, "layers": ts.n_layers, "equal": [], "best": []}
             per_side[side] = data
             for n in ns:
@@ -569,7 +610,8 @@ def plot_train(result: Result, path: str | Path) -> None:
         ax.legend()
     fig.suptitle(
         f"{result['model']} ({result['weights']} weights), k={result['k']}, T={result['tokens_per_behavior']}, "
-        f"F={result['fields']}, {result['dtype']}{', compiled' if result['compile'] else ''}, "
+        f"F={result['fields']}, {result['dtype']}{', compiled' if result['compile'] else ''}"
+        f"{', CUDA graph' if result['cuda_graph'] else ''}, "
         f"{result['env'].get('gpu') or '{cpu} CPU, {cpu_cores} cores'.format(**result['env'])}"
     )
     fig.tight_layout()
@@ -877,6 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode with --compile; reduce-overhead replays each layer as a CUDA graph")
     t.add_argument("--compile-backend", choices=["inductor", "cudagraphs"], default="inductor",
                    help="torch.compile backend with --compile; cudagraphs replays the eager kernels as CUDA graphs")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="capture each side's whole training step as one CUDA graph and replay it (GPU)")
     t.add_argument("--sides", nargs="+", choices=["bahe", "token"], default=["bahe", "token"])
     common(t)
 
@@ -932,12 +976,13 @@ def run_train(args: argparse.Namespace) -> list[Path]:
     best_n = args.best_n if args.best_n is not None else (args.n if device.startswith("cuda") else [])
     written = []
     for model in args.model or ["qwen2.5-0.5b"]:
-        name = args.name or f"train-{Path(model).name}-{device.split(':')[0]}{'-compiled' if args.compile else ''}"
+        variant = ("-compiled" if args.compile else "") + ("-graph" if args.cuda_graph else "")
+        name = args.name or f"train-{Path(model).name}-{device.split(':')[0]}{variant}"
         result = bench_train(
             model, k=args.k, tokens=args.tokens, fields=args.fields, ns=args.n, equal_batch=args.batch,
             best_ns=best_n, budget_gb=args.budget_gb, max_batch=args.max_batch, warmup=args.warmup,
             steps=args.steps, lookup=args.lookup, atoms=args.atoms, compile=args.compile, compile_mode=args.compile_mode,
-            compile_backend=args.compile_backend,
+            compile_backend=args.compile_backend, cuda_graph=args.cuda_graph,
             sides=tuple(args.sides), device=device, progress=lambda partial: write_result(partial, args.out, name),
         )
         written.append(write_result(result, args.out, name, plot_train))
@@ -1008,7 +1053,7 @@ def run_serve(cfg: Config, args: argparse.Namespace) -> list[Path]:
 def format_train(result: Result) -> str:
     """The equal-batch and best-batch tables as text."""
     lines = [f"{result['model']} k={result['k']} T={result['tokens_per_behavior']} F={result['fields']} "
-             f"{result['dtype']} lookup={result['lookup']} compile={result['compile']}"]
+             f"{result['dtype']} lookup={result['lookup']} compile={result['compile']} cuda_graph={result['cuda_graph']}"]
     lines.append(f"equal batch {result['equal_batch']['batch']}:  N  bahe_ms  token_ms  speedup  bahe_gb  token_gb  mem_ratio")
     for r in result["equal_batch"]["rows"]:
         lines.append(f"  {r['n']:>5} {r['bahe_ms']} {r['token_ms']} {r['speedup']} {r['bahe_gb']} {r['token_gb']} {r['memory_ratio']}")

@@ -107,6 +107,48 @@ def test_compile_options_reach_the_layers_and_the_step(tmp_path: Path, monkeypat
     assert not row["oom"] and row["step_ms"] > 0 and len(marks) == 3
 
 
+def test_whole_step_cuda_graph_is_refused_without_cuda_and_inside_compiled_graphs(tmp_path: Path) -> None:
+    store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
+    with pytest.raises(ValueError, match="cuda_graph: .* needs a CUDA device"):
+        bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", store, "host", cuda_graph=True)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph: the step is captured whole"):
+            bench.TrainSide("bahe", TINY, 1, 1, 4, "cuda", store, compile=True, compile_mode="reduce-overhead",
+                            cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", ["bahe", "token"])
+def test_graphed_step_trains_as_the_eager_step(side: str, tmp_path: Path) -> None:
+    """Replays of the captured step (embedding lookup, both passes, backward, AdamW) update the
+    weights as eager steps on the same inputs do; measure() reports the graphed step."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
+    sides = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        ts = bench.TrainSide(side, TINY, 1, 1, 4, "cuda", store, cuda_graph=graph)
+        ts.model.float().eval()  # fp32 and no dropout: the two runs can be compared closely
+        sides.append(ts)
+    eager, graphed = sides
+    sets = [eager.inputs(2, 3, seed) for seed in range(2)]
+    for _ in range(2):  # GraphedStep's warm-up steps
+        eager.step(sets[0])
+    step = bench.GraphedStep(graphed.step, sets[0], warmup=2)
+    before = [p.detach().clone() for p in graphed.model.parameters()]
+    for i in range(3):
+        eager.step(sets[i % 2])
+        step(sets[i % 2])
+    torch.cuda.synchronize()
+    moved = max((p - b).abs().max().item() for p, b in zip(graphed.model.parameters(), before, strict=True))
+    assert moved > 1e-5  # the replays trained
+    for a, b in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    row = graphed.measure(2, 3, warmup=1, steps=2)
+    assert not row["oom"] and row["step_ms"] > 0 and row["peak_gb"] > 0
+
+
 def test_bench_encode_model_counts_flops_per_atom() -> None:
     result = bench.bench_encode_model(TINY, k=1, tokens=8, batch_atoms=[2, 4], device="cpu", warmup=0, steps=1)
     assert [r["atoms_per_batch"] for r in result["rows"]] == [2, 4]

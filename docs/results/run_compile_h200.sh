@@ -3,6 +3,9 @@
 #   PART=encode: `bench encode --texts` with the compiled encoder (runs $RUNS), then one eager run.
 #   PART=train:  equal batch 8, N=200, compiled (runs $RUNS, each a fresh process measuring only N=200, as
 #                a training job runs one shape), then one eager run; ALL_N=1 first runs N=20..200 in one process.
+#   PART=graph:  the same with the whole step as one CUDA graph (--cuda-graph, runs $RUNS), then eager runs
+#                ($EAGER_RUNS); ALL_N=1 first runs N=20..200 with the graph. TESTS=1 first runs the GPU tests
+#                (pytest and its wheels in .whl/).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -20,9 +23,15 @@ train() {  # NAME N... [--compile]
     --n "${@:2}" --out $R --name $1 > $R/$1.log 2>&1
   echo "$1 rc $?"; grep -a -A6 "equal batch" $R/$1.log
 }
+[ "${TESTS:-0}" = 1 ] && { timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_bench.py \
+  tests/test_model.py tests/test_encoders.py > $R/gpu-tests.log 2>&1; echo "gpu tests rc $?"; tail -3 $R/gpu-tests.log; }
 if [ "$PART" = encode ]; then
   for i in ${RUNS:-1 2 3}; do encode encode-cuda-texts-compiled-run$i --compile; done
   encode encode-cuda-texts-eager
+elif [ "$PART" = graph ]; then
+  [ "${ALL_N:-0}" = 1 ] && train train-qwen2.5-0.5b-cuda-graph-equal 20 50 100 200 --cuda-graph
+  for i in ${RUNS:-1 2 3}; do train train-qwen2.5-0.5b-cuda-graph-n200-run$i 200 --cuda-graph; done
+  for i in ${EAGER_RUNS:-1}; do train train-qwen2.5-0.5b-cuda-eager-n200-run$i 200; done
 else
   [ "${ALL_N:-0}" = 1 ] && train train-qwen2.5-0.5b-cuda-compiled-equal 20 50 100 200 --compile
   for i in ${RUNS:-1 2}; do train train-qwen2.5-0.5b-cuda-compiled-n200-run$i 200 --compile; done

@@ -149,6 +149,22 @@ def test_graphed_step_trains_as_the_eager_step(side: str, tmp_path: Path) -> Non
     assert not row["oom"] and row["step_ms"] > 0 and row["peak_gb"] > 0
 
 
+@pytest.mark.gpu
+def test_graphs_of_new_shapes_leave_no_memory_behind(tmp_path: Path) -> None:
+    """measure() captures a graph per shape; once it returns, its memory is all given back (a new
+    side stream per graph used to keep cuBLAS's workspace for it, tens of MB each on an H200)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
+    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cuda", store, cuda_graph=True)
+    held = []
+    for n in (3, 5, 7, 9):
+        assert not side.measure(2, n, warmup=1, steps=1)["oom"]
+        bench.free_memory("cuda")
+        held.append(torch.cuda.memory_allocated())
+    assert held[1] == held[2] == held[3], held  # the first shape may create lasting state (optimizer moments)
+
+
 def test_bench_encode_model_counts_flops_per_atom() -> None:
     result = bench.bench_encode_model(TINY, k=1, tokens=8, batch_atoms=[2, 4], device="cpu", warmup=0, steps=1)
     assert [r["atoms_per_batch"] for r in result["rows"]] == [2, 4]

@@ -4,7 +4,8 @@
 #   PART=train:  equal batch 8, N=200, compiled (runs $RUNS, each a fresh process measuring only N=200, as
 #                a training job runs one shape), then one eager run; ALL_N=1 first runs N=20..200 in one process.
 #   PART=graph:  the same with the whole step as one CUDA graph (--cuda-graph, runs $RUNS), then eager runs
-#                ($EAGER_RUNS); ALL_N=1 first runs N=20..200 with the graph. TESTS=1 first runs the GPU tests
+#                ($EAGER_RUNS); ALL_N=1 first runs N=20..200 with the graph (and the best-batch search at
+#                N in $BEST_N). TESTS=1 first runs the GPU tests
 #                (pytest and its wheels in .whl/).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -29,7 +30,7 @@ if [ "$PART" = encode ]; then
   for i in ${RUNS:-1 2 3}; do encode encode-cuda-texts-compiled-run$i --compile; done
   encode encode-cuda-texts-eager
 elif [ "$PART" = graph ]; then
-  [ "${ALL_N:-0}" = 1 ] && train train-qwen2.5-0.5b-cuda-graph-equal 20 50 100 200 --cuda-graph
+  [ "${ALL_N:-0}" = 1 ] && train train-qwen2.5-0.5b-cuda-graph-equal 20 50 100 200 --cuda-graph --best-n ${BEST_N:-}
   for i in ${RUNS:-1 2 3}; do train train-qwen2.5-0.5b-cuda-graph-n200-run$i 200 --cuda-graph; done
   for i in ${EAGER_RUNS:-1}; do train train-qwen2.5-0.5b-cuda-eager-n200-run$i 200; done
 else

@@ -1075,7 +1075,10 @@ def format_train(result: Result) -> str:
 
 def main(cfg: Config, argv: list[str]) -> int:
     """`bahe bench WHAT ...` (cfg from bahe's --config/--set)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.what == "train" and args.cuda_graph and not resolve_device(args.device).startswith("cuda"):
+        parser.error("--cuda-graph: the whole-step CUDA graph needs a CUDA device")
     if args.what == "train":
         run_train(args)
     elif args.what == "encode":

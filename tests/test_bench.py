@@ -182,13 +182,16 @@ def test_random_checkpoint_loads_in_the_encoder_with_one_token_per_character(tmp
     assert result["tokens"] == 10 * 12 and result["atoms_per_s"] > 0
 
 
-def test_cli_bench_train_and_encode(tmp_path: Path) -> None:
+def test_cli_bench_train_and_encode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--model", "minilm-shape", "--k", "5", "--n", "2", "--batch", "1", "--warmup", "0", "--steps", "1",
             "--sides", "bahe", "--atoms", "50", "--device", "cpu", "--out", str(tmp_path)]
     assert cli_main(["bench", "train", *args]) == 0
     assert (tmp_path / "train-minilm-shape-cpu.json").is_file() and (tmp_path / "train-minilm-shape-cpu.png").is_file()
     with pytest.raises(ValueError, match="vllm"):
         cli_main(["bench", "encode", "--backend", "vllm", "--model", "minilm-shape", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error, before any model is built
+        cli_main(["bench", "train", *args, "--cuda-graph"])
+    assert refused.value.code == 2 and "--cuda-graph: the whole-step CUDA graph needs a CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("ray_local")

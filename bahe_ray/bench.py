@@ -323,8 +323,8 @@ class TrainSide:
             BaheCTR(backbone, k, n_fields, cfg) if side == "bahe" else TokenCTR(backbone, n_fields, cfg)
         ).to(device)
         self.model.train()
-        self.cuda_graphs = compile and (compile_mode == "reduce-overhead" or compile_backend == "cudagraphs")
-        if cuda_graph and self.cuda_graphs:
+        self.layer_graphs = compile and (compile_mode == "reduce-overhead" or compile_backend == "cudagraphs")
+        if cuda_graph and self.layer_graphs:
             raise ValueError("cuda_graph: the step is captured whole; compile without CUDA graphs of its own")
         self.cuda_graph = cuda_graph
         if compile:
@@ -386,7 +386,7 @@ class TrainSide:
         return {"hist": hist, "hist_mask": mask, "item": item}
 
     def step(self, inputs: dict[str, Tensor]) -> None:
-        if self.cuda_graphs:  # a new step: the graphs may reuse the previous step's memory
+        if self.layer_graphs:  # a new step: the graphs may reuse the previous step's memory
             torch.compiler.cudagraph_mark_step_begin()
         logits = self.model(self.batch(inputs), padded=False)  # see inputs(): no padding
         loss = F.binary_cross_entropy_with_logits(logits, inputs["labels"])

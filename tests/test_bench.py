@@ -99,7 +99,7 @@ def test_compile_options_reach_the_layers_and_the_step(tmp_path: Path, monkeypat
     for the CUDA graphs (on CPU the graphs are skipped and the compiled layers run as they are)."""
     store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
     side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", store, "host", compile=True, compile_backend="cudagraphs")
-    assert side.cuda_graphs and all(layer._compiled_call_impl is not None for layer in side.model.backbone.layers)
+    assert side.layer_graphs and all(layer._compiled_call_impl is not None for layer in side.model.backbone.layers)
     marks: list[int] = []
     original = torch.compiler.cudagraph_mark_step_begin
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or original())

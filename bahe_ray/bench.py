@@ -14,7 +14,8 @@
 Models are random-weight presets of real shapes (`preset_config`), "minilm-shape" (a random BERT of
 all-MiniLM-L6-v2's shape) or real checkpoints (MINILM, a local folder); speed does not depend on
 the weights. Inputs have no padding, so sdpa gets no mask and picks flash kernels on both sides
-(the models are told so: no step waits for the GPU to check the masks).
+(the models are told so: no step waits for the GPU to check the masks); BAHE's length-1 item pass
+needs no attention kernel (`split.sdpa_or_single`).
 Every timing is the median over timed steps after warm-up steps (CUDA events on GPU). Peak memory:
 `max_memory_allocated` / `max_memory_reserved` on GPU; on CPU the peak resident set during the
 timed steps above the resident set before the model was built. FLOPs follow the PaLM convention:

@@ -104,6 +104,44 @@ def test_bahe_trains_and_respects_masks(model: str, request: pytest.FixtureReque
         assert (users[0, -1] == 0).all()  # the empty field pools to zeros
 
 
+@pytest.mark.parametrize("model", ["tiny_qwen2", "minilm_path"])
+def test_length_one_sequences_skip_the_attention_kernel(
+    model: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A length-1 sequence (BAHE's item pass) attends to itself only: its attention is its values,
+    so the layers give sdpa's outputs and gradients without calling it (GQA included: tiny_qwen2)."""
+    backbone = Backbone.load(request.getfixturevalue(model)).eval()  # eval: BERT's attention dropout off
+    x = torch.randn(3, 1, backbone.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 1, dtype=torch.bool)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        backbone.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = backbone.run_layers(inputs, mask, 0, backbone.num_layers)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        # the query and key get no gradient (None) where sdpa's backward gives rounding noise
+        params = [torch.zeros_like(p) if p.grad is None else p.grad for p in backbone.layers.parameters()]
+        return out, [inputs.grad, *params]
+
+    out, grads = run()
+    assert calls == []
+    backbone.config._attn_implementation = "sdpa"
+    expected, expected_grads = run()
+    assert len(calls) == len(backbone.layers)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    noise = 1e-4 * max(float(want.abs().max()) for want in expected_grads)  # sdpa's query and key gradients
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, atol=noise, rtol=0)
+
+
 def trainable(model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 

@@ -57,7 +57,9 @@ def test_measure_turns_out_of_memory_into_a_misfit(tmp_path: Path) -> None:
     oom = side.measure(8, 3, warmup=0, steps=1)
     assert oom["oom"] and not oom["fits"]
     trials = bench.search_batch(lambda b: side.measure(b, 3, warmup=0, steps=1), 1, 64, resolution=8)
-    assert bench.best_trial(trials)["batch"] == 4
+    # which fitting batch is fastest depends on a noisy CPU's timing; which batches fit does not
+    assert max(t["batch"] for t in trials if t["fits"]) == 4
+    assert all(t["oom"] for t in trials if t["batch"] > 4)
     assert all(p.grad is None for p in side.model.parameters())  # nothing left over from the failed step
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bahe_ray.config import StorageConfig
+from bahe_ray.config import Config, StorageConfig, load_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -133,3 +133,22 @@ def write_movielens_subset(root: Path, users: int) -> dict[str, str]:
         (root / name).mkdir(parents=True)
         pq.write_table(table, root / name / "part-0.parquet")
     return {"events": str(root / "events"), "impressions": str(root / "impressions")}
+
+
+@pytest.fixture(scope="session")
+def ml(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """Six real MovieLens-100K users (798 impressions), encoded by MiniLM's first 4 layers, N=10: the
+    store and samples of the training tests (read only; each test writes its own output_dir)."""
+    from bahe_ray.encode import run_encode
+    from bahe_ray.samples import build_configured_samples
+
+    root = tmp_path_factory.mktemp("ml-train")
+    cfg = load_config(REPO / "configs" / "local.yaml", [
+        "data.movielens_users=6", f"data.prepared_path={root / 'data'}", f"data.cache_dir={REPO / 'outputs' / 'cache'}",
+        "encoder.k=4", f"store.path={root / 'store'}", f"samples.path={root / 'samples'}", "samples.max_behaviors=10",
+        f"rejects_path={root / 'rejects'}", f"train.output_dir={root / 'train'}", "train.batch_size=32",
+        "train.eval_batch_size=128", "train.max_train_samples=128", "train.max_epochs=2", "model.head_hidden=[32]",
+    ])
+    run_encode(cfg)
+    build_configured_samples(cfg)
+    return cfg

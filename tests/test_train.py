@@ -25,10 +25,9 @@ from bahe_ray.checkpoint import (
 )
 from bahe_ray.cli import main as cli_main
 from bahe_ray.config import Config, load_config, with_overrides
-from bahe_ray.encode import run_encode
 from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, make_batch, sample_arrays, token_batch
 from bahe_ray.model import tokenize_histories
-from bahe_ray.samples import build_configured_samples, read_split_table
+from bahe_ray.samples import read_split_table
 from bahe_ray.train import (
     FAIL_ONCE_ENV, Stopwatch, TableSource, evaluate_checkpoint, fit, gauc, initial_model, make_optimizer, prefetched,
     train_local, train_ray,
@@ -37,21 +36,6 @@ from bahe_ray.train import (
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ["liked", "disliked"]
 TIMING = {"train_seconds", "train_cpu_seconds", "data_wait_seconds", "epoch_seconds", "samples_per_s", "peak_memory_mb"}
-
-
-@pytest.fixture(scope="module")
-def ml(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Config:
-    """Six real MovieLens-100K users (798 impressions), encoded by MiniLM's first 4 layers, N=10."""
-    root = tmp_path_factory.mktemp("ml-train")
-    cfg = load_config(REPO / "configs" / "local.yaml", [
-        "data.movielens_users=6", f"data.prepared_path={root / 'data'}", f"data.cache_dir={REPO / 'outputs' / 'cache'}",
-        "encoder.k=4", f"store.path={root / 'store'}", f"samples.path={root / 'samples'}", "samples.max_behaviors=10",
-        f"rejects_path={root / 'rejects'}", f"train.output_dir={root / 'train'}", "train.batch_size=32",
-        "train.eval_batch_size=128", "train.max_train_samples=128", "train.max_epochs=2", "model.head_hidden=[32]",
-    ])
-    run_encode(cfg)
-    build_configured_samples(cfg)
-    return cfg
 
 
 # ---- batches and metrics -------------------------------------------------------------------

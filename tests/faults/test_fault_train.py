@@ -1,7 +1,7 @@
 """Ray Train: a worker process SIGKILLed in the middle of epoch 2 resumes from the epoch-1 checkpoint
 and ends with the metrics of an uninterrupted run with the same seed.
 
-Setup: test_train.py's `ml` fixture (six real MovieLens users, MiniLM split at k=4), 64 training
+Setup: conftest.py's `ml` fixture (six real MovieLens users, MiniLM split at k=4), 64 training
 samples per epoch in batches of 32, 2 epochs, one Ray Train worker. The kill comes from inside the
 worker: its training batches pass through `KillOnce`, which SIGKILLs the worker's own process after
 the first step of epoch 2 if a marker file exists (deleting it first, so it happens once). The injected
@@ -39,7 +39,6 @@ from bahe_ray.checkpoint import (
 )
 from bahe_ray.config import Config, load_config, with_overrides
 from bahe_ray.train import make_optimizer, train_ray
-from test_train import ml  # noqa: F401 - a fixture
 
 KILL_EPOCH = 2
 KILL_BEFORE_STEP = 1  # 0-based: one of epoch 2's two steps is trained, then the process dies
@@ -91,7 +90,7 @@ def final_metrics(report: dict[str, Any]) -> list[dict[str, float]]:
     return [{k: e[k] for k in COMPARED} for e in report["epochs"]]
 
 
-def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(ml: Config, tmp_path: Path,  # noqa: F811
+def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(ml: Config, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     sets = ["train.num_workers=1", "train.cpus_per_worker=1", "train.max_epochs=2", "train.patience=0",
             "train.max_train_samples=64"]

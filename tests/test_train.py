@@ -145,7 +145,7 @@ def test_stopwatch_counts_the_wait_for_items_not_the_loop_body() -> None:
         time.sleep(0.2)  # the "training step": not waiting for data
         seen.append(item)
     assert seen == [0, 1, 2]
-    assert 0.15 <= waited.seconds < 0.45
+    assert 0.15 <= waited.seconds < 0.6  # counting the body too would give >= 0.75; the rest is a busy box's slack
 
 
 @pytest.mark.gpu

@@ -1,10 +1,11 @@
 """Where BAHE's peak memory sits in one training step (batch 8, N=200, Qwen2.5-0.5B shape, k=6), per phase.
 
-On a GPU: `PYTHONPATH=. python3 docs/results/memory_phases.py [--compile]` (logs in docs/bench/memory-phases-*.log).
+On a GPU, from the repository root: `PYTHONPATH=. python3 scripts/memory_phases.py [--compile]` (figures: docs/benchmarks.md).
 """
 import gc, sys, tempfile, collections
 import torch, torch.nn.functional as F
-from bahe_ray.bench import TrainSide, random_store, setup_device
+from bahe_ray.bench import TrainSide, random_store
+from bahe_ray.runtime import setup_device
 
 GB = 1e9
 setup_device("cuda")

@@ -7,16 +7,18 @@ forward and backward, one GEMM per projection against q/k/v and gate/up fused in
 `attention` times causal attention forward and backward per sdpa backend, GQA in the kernel
 (as Hugging Face calls it without a mask) or with the KV heads repeated first.
 
-On a GPU: PYTHONPATH=. python3 docs/results/train_profile.py SIDE BATCH [COMPILE_MODE]
-          PYTHONPATH=. python3 docs/results/train_profile.py gemm ROWS...
-          PYTHONPATH=. python3 docs/results/train_profile.py attention SEQUENCES:LENGTH...
+On a GPU: PYTHONPATH=. python3 scripts/train_profile.py SIDE BATCH [COMPILE_MODE]
+          PYTHONPATH=. python3 scripts/train_profile.py gemm ROWS...
+          PYTHONPATH=. python3 scripts/train_profile.py attention SEQUENCES:LENGTH...
 """
 import collections, statistics, sys, tempfile
 from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from bahe_ray.bench import TrainSide, model_config, random_store, setup_device, time_calls
+from bahe_ray.bench import TrainSide, random_store, time_calls
+from bahe_ray.models.registry import model_config
+from bahe_ray.runtime import setup_device
 
 N, MODEL = 100, "qwen2.5-0.5b"
 

@@ -1,10 +1,15 @@
 #!/bin/bash
-# On one H200 with the slim Ray bundle (carry .raybundle): `bench encode --texts` (if TEXTS is set), then
-# `bahe bench loop` while py-spy samples the Ray Train worker (collapsed stacks of the GIL holder).
-# Everything it writes is packed into $OUT/loop$TAG.tgz. LOOP_SETS: extra --set options for bench loop.
+# `bahe bench loop` (Qwen2.5-0.5B shape, k=6, N=100, batch 256, synthetic log) on one GPU while py-spy samples
+# the Ray Train worker (collapsed stacks of the GIL holder), and, if TEXTS is set, `bench encode --texts` first.
+# Needs: a CUDA GPU, this project installed with Ray, and py-spy. Run from the repository root:
+#   USERS=1500 EVENTS=600000 LOOP_SETS="--set train.cpus_per_worker=3" bash scripts/loop_profile.sh
+# Writes under $OUT (default outputs/loop) and packs it into $OUT/loop$TAG.tgz.
+# LOOP_SETS: extra --set options for bench loop. On the lent H200 (no Ray installed) a slim Ray bundle was
+# carried as .raybundle/; its install.sh is sourced when present.
 set -u
-source .raybundle/install.sh 2>/dev/null || exit 1
-export PYTHONPATH=$PYTHONPATH:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+[ -f .raybundle/install.sh ] && { source .raybundle/install.sh || exit 1; }
+OUT=${OUT:-outputs/loop}; mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-}:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 R=$OUT/loop${TAG:-}; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpu.txt
 if [ -n "${TEXTS:-}" ]; then

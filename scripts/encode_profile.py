@@ -1,11 +1,12 @@
 """Where `TransformersEncoder.encode` spends its time beyond the layers (compiled, calls of 65,536 texts).
 
-On a GPU: `PYTHONPATH=. python3 docs/results/encode_profile.py` (log: docs/bench/encode-profile-compiled-pageable.log).
+On a GPU, from the repository root: `PYTHONPATH=. python3 scripts/encode_profile.py` (figures: docs/benchmarks.md).
 """
 import collections, sys, tempfile, time
 from pathlib import Path
 import torch
-from bahe_ray.bench import random_checkpoint, random_texts, setup_device
+from bahe_ray.bench import random_checkpoint, random_texts
+from bahe_ray.runtime import setup_device
 from bahe_ray.config import EncoderConfig
 from bahe_ray.encoders.hf import TransformersEncoder
 

@@ -59,15 +59,6 @@ def normalize_column(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array([None if t is None else normalize_text(t) for t in values], type=pa.string())
 
 
-def with_atom_ids(table: pa.Table, text_column: str, id_column: str = "atom_id") -> pa.Table:
-    """Replace `text_column` with its normalised form and append its atom ids."""
-    normalized = normalize_column(table.column(text_column))
-    ids = atom_ids(normalized.to_pylist())
-    index = table.schema.get_field_index(text_column)
-    table = table.set_column(index, text_column, normalized)
-    return table.append_column(id_column, pa.array(ids, type=pa.int64()))
-
-
 class AtomCollisionError(ValueError):
     """Two different normalised texts hashed to the same 64-bit id."""
 

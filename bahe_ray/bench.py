@@ -31,113 +31,28 @@ import functools
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import Tensor
-from transformers import BertConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from bahe_ray.config import MINILM, Config, EncoderConfig, ModelConfig
-from bahe_ray.encoders.split import (
-    PRESETS, Backbone, backbone_from_config, pool_hidden, positions_from_mask, preset_config, to_device,
-)
-from bahe_ray.model import BaheCTR, TokenCTR
+from bahe_ray.models.backbone import Backbone, pool_hidden, positions_from_mask
+from bahe_ray.models.ctr import BaheCTR, TokenCTR
+from bahe_ray.models.registry import PRESETS, load_backbone, model_config, model_label, weights_kind
+from bahe_ray.runtime import GB, PeakRSS, default_dtype, environment, resolve_device, setup_device, to_device
 
 Side = Literal["bahe", "token"]
 Lookup = Literal["device", "host"]
 Result = dict[str, Any]
-
-# all-MiniLM-L6-v2's shape, for speed work where its weights cannot travel (random weights).
-MINILM_SHAPE: dict[str, Any] = dict(
-    hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-    vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
-)
-GB = 1e9
-
-
-# ---- environment and models ------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> cuda when present, else cpu."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def compute_dtype(device: str) -> torch.dtype:
-    """bf16 weights on GPU, fp32 on CPU."""
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def environment(device: str) -> dict[str, Any]:
-    """Versions and hardware, for the record next to every result."""
-    env = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-    }
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(device)
-        env |= {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / GB, 1), "cuda": torch.version.cuda}
-    return env
-
-
-def setup_device(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def model_config(model: str | PretrainedConfig) -> PretrainedConfig:
-    """A preset name, "minilm-shape", MINILM or a checkpoint folder -> its config."""
-    if isinstance(model, PretrainedConfig):
-        return model
-    if model in PRESETS:
-        return preset_config(model)
-    if model == "minilm-shape":
-        return BertConfig(**MINILM_SHAPE)
-    from transformers import AutoConfig
-
-    from bahe_ray.encoders import resolve_model_path
-
-    return AutoConfig.from_pretrained(str(resolve_model_path(model)))
-
-
-def load_backbone(model: str | PretrainedConfig, dtype: torch.dtype, device: str) -> Backbone:
-    """Random weights for configs and presets (built on the device), real weights for checkpoints."""
-    if isinstance(model, PretrainedConfig) or model in PRESETS or model == "minilm-shape":
-        with torch.device(device):
-            backbone = backbone_from_config(model_config(model), dtype)
-    else:
-        from bahe_ray.encoders import resolve_model_path
-
-        backbone = Backbone.load(resolve_model_path(model), dtype)
-    return backbone.to(device)
-
-
-def model_label(model: str | PretrainedConfig) -> str:
-    return model if isinstance(model, str) else f"{model.model_type}-h{model.hidden_size}-l{model.num_hidden_layers}"
-
-
-def weights_kind(model: str | PretrainedConfig) -> str:
-    return "random" if isinstance(model, PretrainedConfig) or model in PRESETS or model == "minilm-shape" else "pretrained"
-
 
 # ---- FLOPs -----------------------------------------------------------------------------------
 
@@ -159,35 +74,6 @@ def layer_parameters(backbone: Backbone) -> int:
 
 
 # ---- timing and memory -----------------------------------------------------------------------
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 5 ms), bytes."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.current()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
 
 
 def time_calls(fn: Callable[[int], None], device: str, warmup: int, steps: int) -> list[float]:
@@ -219,7 +105,7 @@ def free_memory(device: str) -> None:
 
 def matmul_peak_tflops(device: str, steps: int = 20) -> float:
     """Median TFLOP/s of a square matmul on random data: 8192^3 bf16 on GPU, 2048^3 fp32 on CPU."""
-    dtype = compute_dtype(device)
+    dtype = default_dtype(device)
     size = 2048 if device == "cpu" else 8192
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -316,7 +202,7 @@ class TrainSide:
             raise ValueError(f"cuda_graph: the whole-step CUDA graph needs a CUDA device, not {device!r}")
         self.side, self.k, self.n_fields, self.tokens, self.device = side, k, n_fields, tokens, device
         self.rss_at_build = PeakRSS.current()
-        dtype = compute_dtype(device)
+        dtype = default_dtype(device)
         backbone = load_backbone(model, dtype, device)
         self.config = backbone.config
         cfg = ModelConfig()
@@ -512,7 +398,7 @@ def bench_train(
         "k": k,
         "tokens_per_behavior": tokens,
         "fields": fields,
-        "dtype": str(compute_dtype(device)).removeprefix("torch."),
+        "dtype": str(default_dtype(device)).removeprefix("torch."),
         "optimizer": "AdamW fused" if device.startswith("cuda") else "AdamW foreach",
         "compile": compile,
         "compile_mode": compile_mode,
@@ -621,7 +507,7 @@ def plot_train(result: Result, path: str | Path) -> None:
         f"{result['model']} ({result['weights']} weights), k={result['k']}, T={result['tokens_per_behavior']}, "
         f"F={result['fields']}, {result['dtype']}{', compiled' if result['compile'] else ''}"
         f"{', CUDA graph' if result['cuda_graph'] else ''}, "
-        f"{result['env'].get('gpu') or '{cpu} CPU, {cpu_cores} cores'.format(**result['env'])}"
+        f"{result['env'].get('gpu') or '{cpu} CPU, {cpu_count} cores'.format(**result['env'])}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -660,7 +546,7 @@ def bench_encode_model(
     device = resolve_device(device)
     setup_device(device)
     env = environment(device)
-    backbone = load_backbone(model, compute_dtype(device), device)
+    backbone = load_backbone(model, default_dtype(device), device)
     backbone.keep_layers(0, k)
     backbone.eval()
     if compile:
@@ -688,7 +574,7 @@ def bench_encode_model(
     done = [r for r in rows if not r["oom"]]
     return {
         "bench": "encode-model", "env": env, "model": model_label(model), "weights": weights_kind(model),
-        "k": k, "tokens": tokens, "dtype": str(compute_dtype(device)).removeprefix("torch."), "compile": compile,
+        "k": k, "tokens": tokens, "dtype": str(default_dtype(device)).removeprefix("torch."), "compile": compile,
         "matmul_peak_tflops": round(peak, 1), "layer_params": params,
         "flops_per_atom": forward_flops(params, k, width, tokens, 1),
         "rows": rows, "best": max(done, key=lambda r: r["atoms_per_s"]) if done else None,
@@ -790,8 +676,8 @@ def bench_pipeline(cfg: Config, source: str, events: int, workdir: str | Path) -
     """The Ray Data encode job (`run_encode`, local Ray) against the same job in this process
     without Ray (`run_encode_local`: read, validate, dedup, encode in calls of encoder.batch_size,
     write parts, commit)."""
-    from bahe_ray.cli import init_ray
     from bahe_ray.encode import prepare_inputs, run_encode, run_encode_local
+    from bahe_ray.runtime import init_ray
 
     work = Path(workdir)
     cfg = cfg.model_copy(deep=True)
@@ -832,11 +718,17 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
     one worker (Ray Data shard, Ray Train). End-to-end figures are the last epoch's (the first
     carries the warm-up); the ratio is end-to-end over model-level samples/s.
     """
-    from bahe_ray.cli import init_ray
     from bahe_ray.encode import prepare_inputs, run_encode_local
+    from bahe_ray.runtime import init_ray
     from bahe_ray.samples import build_configured_samples, read_split_table
     from bahe_ray.train import (
-        autocast_dtype, batch_inputs, initial_model, make_optimizer, train_local, train_ray, train_step,
+        autocast_dtype,
+        batch_inputs,
+        initial_model,
+        make_optimizer,
+        train_local,
+        train_ray,
+        train_step,
     )
 
     work = Path(workdir)
@@ -1050,7 +942,7 @@ def run_serve(cfg: Config, args: argparse.Namespace) -> list[Path]:
     if args.url:
         result["runs"] = runs(args.url)
     else:
-        from bahe_ray.cli import init_ray
+        from bahe_ray.runtime import init_ray
         from bahe_ray.serve import running_scorer
 
         init_ray(cfg)

@@ -34,11 +34,11 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from bahe_ray.config import Config, StorageConfig
-from bahe_ray.encoders import resolve_model_path
-from bahe_ray.encoders.split import Backbone
 from bahe_ray.features import ModelKind
 from bahe_ray.fs import filesystem, join, write_bytes_atomic
-from bahe_ray.model import BaheCTR, IdCTR, TokenCTR
+from bahe_ray.models.backbone import Backbone
+from bahe_ray.models.ctr import BaheCTR, IdCTR, TokenCTR
+from bahe_ray.models.registry import resolve_model_path
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"

@@ -9,37 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from bahe_ray.config import Config, dump_config, load_config
+from bahe_ray.runtime import init_ray, setup_logging
 
 log = logging.getLogger("bahe")
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-
-
-def init_ray(cfg: Config) -> None:
-    """Join the cluster a job was submitted to, or the configured address, or start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -174,9 +174,9 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    """Everything a run needs. `work_dir` anchors the relative output paths."""
+    """Everything a run needs. Relative local paths are made absolute against the working
+    directory of whoever builds the config (see `_absolute_paths`)."""
 
-    name: str = "local"
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
     store: StoreConfig = StoreConfig()

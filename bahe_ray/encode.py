@@ -32,8 +32,10 @@ from bahe_ray.config import Config, EncoderConfig, StorageConfig
 from bahe_ray.data import movielens, synthetic
 from bahe_ray.data.readers import ValidateRows, make_dirs, read_rejects, read_table, reject_counts, write_parquet_table
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS, TableKind
-from bahe_ray.encoders import build_encoder, default_device, encoder_fingerprint, resolve_model_path
+from bahe_ray.encoders import build_encoder, encoder_fingerprint
 from bahe_ray.fs import arrow_filesystem, filesystem, join
+from bahe_ray.models.registry import resolve_model_path
+from bahe_ray.runtime import default_device
 from bahe_ray.store import EmbeddingStore, PartWriter
 
 if TYPE_CHECKING:  # Ray is imported where it is used, so the local path runs without it

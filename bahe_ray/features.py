@@ -24,8 +24,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from bahe_ray.encoders.split import pad_token_ids, to_device
-from bahe_ray.model import BEHAVIOR_SEPARATOR, join_behaviour_tokens, special_tokens
+from bahe_ray.models.tokens import BEHAVIOR_SEPARATOR, join_behaviour_tokens, pad_token_ids, special_tokens
+from bahe_ray.runtime import to_device
 from bahe_ray.samples import hist_column, pad_histories
 
 ModelKind = Literal["bahe", "token", "id"]

@@ -10,8 +10,8 @@ import os
 import uuid
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
 
 from bahe_ray.config import StorageConfig
 

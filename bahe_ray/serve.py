@@ -53,9 +53,10 @@ from bahe_ray.atoms import atom_ids, is_utf8, normalize_text
 from bahe_ray.checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from bahe_ray.config import Config, ServeConfig, StorageConfig, load_config
 from bahe_ray.encoders import build_encoder
+from bahe_ray.encoders.base import ensure_compatible
 from bahe_ray.features import bahe_batch, sample_arrays
 from bahe_ray.samples import hist_column
-from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
+from bahe_ray.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -435,15 +436,10 @@ def load_scorer_state(checkpoint: str, cfg: Config, loader: CheckpointLoader, en
     if meta.model_kind != "bahe" or meta.store_path is None:
         raise ValueError(f"checkpoint {checkpoint}: a {meta.model_kind} model; the scorer serves BAHE checkpoints")
     store = EmbeddingStore.read(meta.store_path, cfg.storage)
-    ids = {
-        "checkpoint": meta.encoder_fingerprint_id,
-        "store": store.fingerprint_id,
-        "online encoder": encoder_fingerprint,
-    }
-    if len(set(ids.values())) != 1:
-        raise FingerprintMismatchError(
-            f"checkpoint {checkpoint}: encoder fingerprints differ ({ids}); vectors of different encoders must not mix"
-        )
+    ensure_compatible(
+        f"checkpoint {checkpoint}",
+        {"checkpoint": meta.encoder_fingerprint_id, "store": store.fingerprint, "online encoder": encoder_fingerprint},
+    )
     store.lookup_with_mask(np.zeros(0, np.int64))  # load the lookup table now, not on the first request
     info = ModelInfo(
         kind=meta.model_kind,
@@ -475,12 +471,7 @@ class AtomEncoder:
             raise ValueError(f"checkpoint {cfg.serve.checkpoint} records no embedding store")
         store = EmbeddingStore.read(meta.store_path, cfg.storage)
         self.encoder = build_encoder(meta.cfg.encoder, storage=cfg.storage)
-        mine, stored = self.encoder.fingerprint, store.fingerprint
-        if mine.id != stored.id:
-            raise FingerprintMismatchError(
-                f"AtomEncoder: encoder fingerprint {mine.id} {mine.model_dump()} differs from store "
-                f"{store.path}'s {stored.id} {stored.model_dump()}; refusing to start"
-            )
+        ensure_compatible("AtomEncoder", {"store": store.fingerprint, "online encoder": self.encoder.fingerprint})
         self.cache_size = cfg.serve.encoder_cache_size
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.lock = asyncio.Lock()

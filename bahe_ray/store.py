@@ -48,7 +48,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from bahe_ray.atoms import AtomCollisionError
 from bahe_ray.config import StorageConfig
-from bahe_ray.encoders.base import EncoderFingerprint
+from bahe_ray.encoders.base import EncoderFingerprint, FingerprintMismatchError, ensure_compatible
 from bahe_ray.fs import filesystem, join, write_bytes_atomic
 
 FORMAT_VERSION = 1
@@ -70,10 +70,6 @@ class StoreError(Exception):
 
 class StoreMismatchError(StoreError, ValueError):
     """The store holds vectors of another shape or dtype than the caller expects."""
-
-
-class FingerprintMismatchError(StoreMismatchError):
-    """The store was built by another encoder; its vectors must not be mixed with these."""
 
 
 class StoreCorruptError(StoreError):
@@ -331,7 +327,7 @@ class EmbeddingStore:
             fs, root = filesystem(path, storage)
             _create_exclusive(fs, join(root, STORE_FILE), json.dumps(doc, indent=1).encode())
             store = cls(path, storage)  # ours, or a concurrent creator's: checked below either way
-        _check_fingerprint(store.fingerprint, fingerprint, path)
+        ensure_compatible(f"store {path}", {"store": store.fingerprint, "encoder": fingerprint})
         if store.dim != dim:
             raise StoreMismatchError(f"store {path} holds {store.dim}-d vectors, the encoder produces {dim}-d")
         if store.dtype != dtype:
@@ -676,11 +672,6 @@ class _LookupTable:
     vectors: np.ndarray  # (n, dim) in the store dtype, rows aligned with ids
 
 
-def info(path: str, storage: StorageConfig | None = None) -> StoreSummary:
-    """Version, atoms, parts, bytes and fingerprint of the store at `path`."""
-    return EmbeddingStore.read(path, storage).info()
-
-
 # ---- helpers -------------------------------------------------------------------------------
 
 
@@ -856,17 +847,6 @@ def _parse_meta(meta: dict[str, Any], where: str) -> tuple[EncoderFingerprint, i
     if fingerprint.id != meta["fingerprint_id"] or dtype not in ("float32", "float16"):
         raise StoreCorruptError(f"{where}: fingerprint id or dtype inconsistent")
     return fingerprint, dim, dtype
-
-
-def _check_fingerprint(stored: EncoderFingerprint, wanted: EncoderFingerprint, path: str) -> None:
-    if stored.id == wanted.id:
-        return
-    a, b = stored.model_dump(mode="json"), wanted.model_dump(mode="json")
-    diffs = [f"{k}: store {a.get(k)!r} != encoder {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    raise FingerprintMismatchError(
-        f"store {path} was built with fingerprint {stored.id}, the encoder is {wanted.id}; differing fields: "
-        + "; ".join(diffs)
-    )
 
 
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:

@@ -29,10 +29,8 @@ import json
 import logging
 import math
 import os
-import platform
 import queue
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,14 +55,23 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import Tensor, nn
 
 from bahe_ray.checkpoint import (
-    CheckpointMeta, build_model, export_checkpoint, load_checkpoint, load_optimizer_state, load_weights, read_meta,
-    save_checkpoint, unwrap,
+    CheckpointMeta,
+    build_model,
+    export_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+    unwrap,
 )
 from bahe_ray.config import Config, StorageConfig, TrainConfig
-from bahe_ray.encoders import resolve_model_path, weights_sha256
-from bahe_ray.encoders.split import to_device
+from bahe_ray.encoders import encoder_fingerprint
+from bahe_ray.encoders.base import ensure_compatible
 from bahe_ray.features import MODEL_KINDS, ModelKind, SampleArrays, TokenCache, make_batch, sample_arrays
 from bahe_ray.fs import arrow_filesystem, filesystem, is_remote, join, write_bytes_atomic
+from bahe_ray.models.registry import resolve_model_path
+from bahe_ray.runtime import environment, peak_memory_mb, reset_peak_memory, to_device
 from bahe_ray.samples import read_split_table, read_summary
 from bahe_ray.store import EmbeddingStore
 
@@ -270,16 +277,6 @@ def batch_inputs(
     return BatchInputs(kind, fields, n, dim=hidden, store=store, tokens=tokens)
 
 
-def check_store_matches_encoder(store: EmbeddingStore, cfg: Config) -> None:
-    """BAHE's upper layers must continue the model (and k) whose shallow layers made the stored vectors."""
-    fp = store.fingerprint
-    if fp.k != cfg.encoder.k or fp.weights_sha256 != weights_sha256(resolve_model_path(cfg.encoder.model)):
-        raise ValueError(
-            f"store {store.path} was encoded by {fp.model_name} (k={fp.k}); encoder.model={cfg.encoder.model!r} "
-            f"k={cfg.encoder.k} is another model or split"
-        )
-
-
 # ---- training state ------------------------------------------------------------------------
 
 
@@ -382,29 +379,6 @@ def initial_model(kind: ModelKind, cfg: Config) -> nn.Module:
         meta = load_weights(cfg.train.resume_from, model, cfg.storage)
         log.info("warm start from %s (epoch %d)", cfg.train.resume_from, meta.epoch)
     return model
-
-
-def reset_peak_memory(device: str | torch.device) -> None:
-    """Start a new peak: CUDA allocator stats, or the process peak RSS (Linux clear_refs)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # the peak then covers the process lifetime
-
-
-def peak_memory_mb(device: str | torch.device) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -643,7 +617,11 @@ def checkpoint_meta(kind: ModelKind, cfg: Config, inputs: BatchInputs, epoch: in
 def _prepared_inputs(kind: ModelKind, cfg: Config, model: nn.Module) -> BatchInputs:
     inputs = batch_inputs(kind, cfg, model)
     if kind == "bahe":
-        check_store_matches_encoder(inputs.store, cfg)
+        # BAHE's upper layers continue the model (and k) whose shallow layers made the stored vectors;
+        # the dtype those were computed in may differ from this device's, so only model and k count.
+        configured = encoder_fingerprint(cfg.encoder, "cpu")
+        ensure_compatible(f"store {inputs.store.path}", {"store": inputs.store.fingerprint, "encoder": configured},
+                          fields=("weights_sha256", "k"))
     return inputs
 
 
@@ -802,11 +780,8 @@ def evaluate_checkpoint(
     cfg = meta.cfg
     storage = storage or cfg.storage
     inputs = batch_inputs(meta.model_kind, cfg, model, store_path or meta.store_path, storage)
-    if inputs.store is not None and meta.encoder_fingerprint_id != inputs.store.fingerprint_id:
-        raise ValueError(
-            f"store {inputs.store.path} holds vectors of encoder {inputs.store.fingerprint_id}; the checkpoint was "
-            f"trained on {meta.encoder_fingerprint_id}"
-        )
+    store_fp = inputs.store.fingerprint if inputs.store is not None else None
+    ensure_compatible(f"checkpoint {folder}", {"checkpoint": meta.encoder_fingerprint_id, "store": store_fp})
     table = read_split_table(samples_path or cfg.samples.path, split, storage)
     scored = score(model, inputs, TableSource(table, cfg.train.eval_batch_size), device)
     scores = table.select(SCORE_COLUMNS).append_column("score", pa.array(scored.scores, pa.float32()))
@@ -814,36 +789,6 @@ def evaluate_checkpoint(
 
 
 # ---- reports -------------------------------------------------------------------------------
-
-
-def environment(device: str | torch.device) -> dict[str, Any]:
-    """Versions and hardware for reports."""
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-    }
-    try:
-        import ray
-
-        env["ray"] = ray.__version__
-    except ImportError:
-        env["ray"] = None
-    if torch.device(device).type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
 
 
 def _json_safe(value: Any) -> Any:

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, write_movielens_subset
 
 from bahe_ray.config import Config, load_config
 from bahe_ray.encode import run_encode
 from bahe_ray.encoders import build_encoder
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
-from conftest import REPO, write_movielens_subset
 
 USERS = 6
 

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
 from bahe_ray.config import MINILM, EncoderConfig
-from bahe_ray.encoders import build_encoder, encoder_fingerprint, resolve_model_path
+from bahe_ray.encoders import build_encoder, encoder_fingerprint
 from bahe_ray.encoders.hf import TransformersEncoder, length_batches
-from bahe_ray.encoders.split import write_truncated_checkpoint
+from bahe_ray.encoders.truncate import write_truncated_checkpoint
+from bahe_ray.models.registry import resolve_model_path
 
 TEXTS = [
     "Purchase nike shoes for 12 dollars",
@@ -124,7 +125,7 @@ def test_atom_tokenizer_gives_the_transformers_tokens(minilm_path: Path, tiny_ll
     right truncation included, for an encoder (BERT) and a decoder (Llama) tokenizer."""
     from transformers import AutoTokenizer
 
-    from bahe_ray.encoders.split import AtomTokenizer, token_ids
+    from bahe_ray.models.tokens import AtomTokenizer, token_ids
 
     texts = ["rated 5/5: Toy Story (1995) | Animation, Children's, Comedy", "a", "word " * 100, ""]
     for path in (minilm_path, tiny_llama):

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from token_oracle import tokenize_histories
 from transformers import AutoModel, AutoTokenizer, Qwen2Config
 
 from bahe_ray.config import ModelConfig
-from bahe_ray.encoders.split import (
-    Backbone, backbone_from_config, pad_token_ids, positions_from_mask, preset_config, token_ids,
-)
-from bahe_ray.model import BEHAVIOR_SEPARATOR, BaheCTR, IdCTR, TokenCTR, tokenize_histories
+from bahe_ray.models.backbone import Backbone, backbone_from_config, positions_from_mask
+from bahe_ray.models.ctr import BaheCTR, IdCTR, TokenCTR
+from bahe_ray.models.registry import preset_config
+from bahe_ray.models.tokens import BEHAVIOR_SEPARATOR, pad_token_ids, token_ids
 
 TEXTS = [
     "Purchase nike shoes for 12 dollars",

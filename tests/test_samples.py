@@ -11,8 +11,8 @@ from bahe_ray.config import Config
 from bahe_ray.data.readers import read_table
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS
 from bahe_ray.samples import (
-    SplitCuts,
     _ROWS,
+    SplitCuts,
     build_samples,
     pad_histories,
     read_split,

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import REPO, free_port
 
 from bahe_ray import bench
 from bahe_ray.atoms import atom_ids, normalize_text
@@ -39,7 +40,6 @@ from bahe_ray.samples import hist_column, sample_schema
 from bahe_ray.serve import APP_NAME, AtomEncoder, load_scorer_state
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
 from bahe_ray.train import evaluate_checkpoint
-from conftest import REPO, free_port
 
 PROFILE = REPO / "configs" / "local.yaml"
 FIELDS = ["liked", "disliked"]

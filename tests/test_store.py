@@ -25,7 +25,6 @@ from bahe_ray.store import (
     StoreCorruptError,
     StoreMismatchError,
     _create_exclusive,
-    info,
 )
 
 DIM = 8
@@ -88,7 +87,7 @@ def test_round_trip(tmp_path: Path, dtype: str) -> None:
     assert reader.lookup(ids[[[0, 1], [2, 3]]]).shape == (2, 2, DIM)
     assert reader.texts(ids[[3, 0]]) == ["atom 17", "atom 5"]
     assert reader.verify().ok
-    summary = info(path)
+    summary = EmbeddingStore.read(path).info()
     assert (summary.version, summary.atoms, summary.parts, summary.dtype) == (1, 5, 2, dtype)
     assert summary.fingerprint_id == FP.id and summary.bytes > 0
 
@@ -417,7 +416,7 @@ def test_s3_round_trip(s3_server) -> None:
     np.testing.assert_allclose(reader.lookup(np.arange(135)), vectors_for(np.arange(135)), rtol=1e-3)
     removed = store.gc()
     assert any(orphan.name in p for p in removed) and len(removed) == 3  # orphan + 2 replaced originals
-    assert store.verify().ok and info(path, storage).atoms == 135
+    assert store.verify().ok and EmbeddingStore.read(path, storage).info().atoms == 135
 
     with pytest.raises(FingerprintMismatchError):
         EmbeddingStore.open(path, FP.model_copy(update={"max_tokens": 64}), DIM, storage=storage)

@@ -17,20 +17,35 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from token_oracle import tokenize_histories
 from transformers import AutoTokenizer
 
 from bahe_ray.checkpoint import (
-    META_FILE, MODEL_FILE, CheckpointCorruptError, CheckpointMeta, build_model, load_checkpoint, load_optimizer_state,
+    META_FILE,
+    MODEL_FILE,
+    CheckpointCorruptError,
+    CheckpointMeta,
+    build_model,
+    load_checkpoint,
+    load_optimizer_state,
     save_checkpoint,
 )
 from bahe_ray.cli import main as cli_main
 from bahe_ray.config import Config, load_config, with_overrides
 from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, make_batch, sample_arrays, token_batch
-from bahe_ray.model import tokenize_histories
 from bahe_ray.samples import read_split_table
 from bahe_ray.train import (
-    FAIL_ONCE_ENV, Stopwatch, TableSource, evaluate_checkpoint, fit, gauc, initial_model, make_optimizer, prefetched,
-    train_local, train_ray,
+    FAIL_ONCE_ENV,
+    Stopwatch,
+    TableSource,
+    evaluate_checkpoint,
+    fit,
+    gauc,
+    initial_model,
+    make_optimizer,
+    prefetched,
+    train_local,
+    train_ray,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,8 +181,8 @@ def test_batches_built_on_the_gpu_equal_the_cpu_ones() -> None:
 def test_shared_histories_run_once_with_identical_scores(minilm_path: Path) -> None:
     """A user's candidates share one history row (serving); the scores equal one row per sample."""
     from bahe_ray.config import ModelConfig
-    from bahe_ray.encoders.split import Backbone
-    from bahe_ray.model import BaheCTR
+    from bahe_ray.models.backbone import Backbone
+    from bahe_ray.models.ctr import BaheCTR
 
     torch.manual_seed(0)
     d = 384

@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import REPO, write_movielens_subset
+from tiny_models import behaviour_texts
 
 from bahe_ray.config import Config, EncoderConfig, load_config
 from bahe_ray.encode import run_encode
@@ -24,8 +26,6 @@ from bahe_ray.encoders import encoder_fingerprint
 from bahe_ray.encoders.hf import TransformersEncoder
 from bahe_ray.encoders.vllm import truncated_checkpoint
 from bahe_ray.store import EmbeddingStore
-from conftest import REPO, write_movielens_subset
-from tiny_models import behaviour_texts
 
 USERS = 1
 TEXTS = behaviour_texts(120, seed=1) + [" ".join(behaviour_texts(12, seed=2))]  # the last one is cut at max_tokens

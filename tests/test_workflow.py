@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import REPO, free_port, wait_for_port, write_movielens_subset
 
 from bahe_ray.store import EmbeddingStore
-from conftest import REPO, free_port, wait_for_port, write_movielens_subset
 
 BIN = Path(sys.executable).parent
 USERS = 5

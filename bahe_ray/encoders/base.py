@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -30,6 +31,44 @@ class EncoderFingerprint(BaseModel):
         """A short stable digest of all fields, used to tag stores and checkpoints."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+class FingerprintMismatchError(ValueError):
+    """Vectors of two different encoders would mix."""
+
+
+def ensure_compatible(
+    where: str, parties: Mapping[str, EncoderFingerprint | str | None], fields: Sequence[str] | None = None
+) -> None:
+    """Check that every party (checkpoint, store, encoder...) holds vectors of one encoder.
+
+    A party is a fingerprint, its id (what travels between Serve replicas), or None (no vectors:
+    skipped). `fields` narrows the check to those fields of full fingerprints (training continues
+    the model and k of the store, whatever dtype the trainer's device computes in). The error
+    names the parties, their ids and the fields that differ.
+    """
+    given = {name: fp for name, fp in parties.items() if fp is not None}
+    if len(given) < 2:
+        return
+    (first, reference), *others = given.items()
+    diffs: list[str] = []
+    for name, fp in others:
+        if isinstance(reference, EncoderFingerprint) and isinstance(fp, EncoderFingerprint):
+            a, b = reference.model_dump(mode="json"), fp.model_dump(mode="json")
+            keys = fields if fields is not None else sorted(a.keys() | b.keys())
+            diffs += [f"{k}: {first} {a.get(k)!r} != {name} {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+        elif fields is None and _fingerprint_id(fp) != _fingerprint_id(reference):
+            diffs.append(f"{first} {_fingerprint_id(reference)} != {name} {_fingerprint_id(fp)}")
+    if diffs:
+        ids = ", ".join(f"{name} {_fingerprint_id(fp)}" for name, fp in given.items())
+        raise FingerprintMismatchError(
+            f"{where}: encoder fingerprints differ ({ids}); differing fields: {'; '.join(diffs)}. "
+            "Vectors of different encoders must not mix."
+        )
+
+
+def _fingerprint_id(fp: EncoderFingerprint | str) -> str:
+    return fp.id if isinstance(fp, EncoderFingerprint) else fp
 
 
 class ShallowEncoder(Protocol):

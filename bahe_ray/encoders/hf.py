@@ -17,8 +17,11 @@ import torch
 from transformers import AutoTokenizer
 
 from bahe_ray.config import EncoderConfig
-from bahe_ray.encoders import default_device, encoder_fingerprint, resolve_model_path
-from bahe_ray.encoders.split import AtomTokenizer, Backbone, pool_hidden, positions_from_mask, to_device
+from bahe_ray.encoders import encoder_fingerprint
+from bahe_ray.models.backbone import Backbone, pool_hidden, positions_from_mask
+from bahe_ray.models.registry import resolve_model_path
+from bahe_ray.models.tokens import AtomTokenizer
+from bahe_ray.runtime import default_device, to_device
 
 
 def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:

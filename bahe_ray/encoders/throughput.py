@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from bahe_ray.config import EncoderConfig, load_config
 from bahe_ray.data import movielens
-from bahe_ray.encoders import build_encoder, default_device
+from bahe_ray.encoders import build_encoder
+from bahe_ray.runtime import default_device
 
 Backend = Literal["transformers", "vllm"]
 

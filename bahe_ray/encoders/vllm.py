@@ -32,10 +32,13 @@ import numpy as np
 from transformers import AutoConfig, AutoTokenizer
 
 from bahe_ray.config import EncoderConfig, StorageConfig
-from bahe_ray.encoders import default_device, encoder_fingerprint, resolve_model_path
+from bahe_ray.encoders import encoder_fingerprint
 from bahe_ray.encoders.base import EncoderFingerprint
-from bahe_ray.encoders.split import AtomTokenizer, write_truncated_checkpoint
+from bahe_ray.encoders.truncate import write_truncated_checkpoint
 from bahe_ray.fs import filesystem, is_remote, join
+from bahe_ray.models.registry import resolve_model_path
+from bahe_ray.models.tokens import AtomTokenizer
+from bahe_ray.runtime import default_device
 
 COMPLETE = "_COMPLETE.json"  # written last into a remote cache folder: the files it lists are whole
 KV_CACHE_SEQS = 1024  # sequences of max_model_len the KV cache holds (vLLM's largest default max_num_seqs)

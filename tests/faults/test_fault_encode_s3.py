@@ -18,14 +18,14 @@ import boto3
 import numpy as np
 import pytest
 import s3fs
+from conftest import write_movielens_subset
+from fault_helpers import CuttableProxy
+from test_encode import expected_unique, make_config
 
 from bahe_ray.config import Config
 from bahe_ray.encode import EncodeSummary, run_encode
 from bahe_ray.encoders.hf import TransformersEncoder
 from bahe_ray.store import EmbeddingStore
-from conftest import write_movielens_subset
-from fault_helpers import CuttableProxy
-from test_encode import expected_unique, make_config
 
 OUTAGE_S = 5.0
 USERS = 3  # 729 atoms: 23 parts of 32, each committed on its own

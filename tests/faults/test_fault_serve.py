@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from test_serve import World, client, good_request, score, url, world  # noqa: F401 - fixtures
 
 BURST = 60  # concurrent requests, over 3x what the Scorer takes and queues (16)

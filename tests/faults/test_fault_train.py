@@ -35,7 +35,12 @@ from ray import cloudpickle
 
 import bahe_ray.train
 from bahe_ray.checkpoint import (
-    OPTIMIZER_FILE, CheckpointCorruptError, CheckpointMeta, build_model, load_optimizer_state, save_checkpoint,
+    OPTIMIZER_FILE,
+    CheckpointCorruptError,
+    CheckpointMeta,
+    build_model,
+    load_optimizer_state,
+    save_checkpoint,
 )
 from bahe_ray.config import Config, load_config, with_overrides
 from bahe_ray.train import make_optimizer, train_ray

@@ -10,7 +10,7 @@ concat(F user-field vectors, item vector). B samples, F behaviour fields:
             item (B, d) float           stored vector of the candidate item's text
             user_index (B,) long        optional: sample b uses history row user_index[b] (then
                                         hist has U <= B rows; a user's candidates share one)
-  TokenCTR  hist_input_ids (B, F, T) long, hist_attention_mask (B, F, T)   see tokenize_histories
+  TokenCTR  hist_input_ids (B, F, T) long, hist_attention_mask (B, F, T)   see features.token_batch
             item_input_ids (B, Ti) long, item_attention_mask (B, Ti)
   IdCTR     hist_ids (B, F, N) int64 atom ids, hist_mask (B, F, N) bool, item_ids (B,) int64
 
@@ -29,9 +29,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
 from bahe_ray.config import ModelConfig
-from bahe_ray.encoders.split import Backbone, pad_token_ids, pool_hidden, positions_from_mask, token_ids
-
-BEHAVIOR_SEPARATOR = "; "  # joins a field's behaviour texts for the token-level baseline
+from bahe_ray.models.backbone import Backbone, pool_hidden, positions_from_mask
 
 
 class CTRHead(nn.Module):
@@ -154,7 +152,7 @@ class TokenCTR(_BackboneCTR):
     def __init__(self, backbone: Backbone, n_fields: int, cfg: ModelConfig) -> None:
         super().__init__(backbone, 0, n_fields, cfg)
         backbone.embeddings.requires_grad_(False)
-        self.max_length = min(cfg.token_max_length, backbone.max_positions)  # for tokenize_histories
+        self.max_length = min(cfg.token_max_length, backbone.max_positions)  # token_batch truncates to this
 
     def read(self, input_ids: Tensor, mask: Tensor, fields: Tensor | None = None, padded: bool | None = None) -> Tensor:
         """Token sequences (S, T) -> embeddings (+ field rows) -> all layers -> masked mean (S, d) float32."""
@@ -172,66 +170,6 @@ class TokenCTR(_BackboneCTR):
         fields = self.field_rows(b, self.backbone.dtype)
         users = self.read(ids.reshape(b * f, t), mask.reshape(b * f, t), fields, padded).view(b, f, -1)
         return self.head(users, item)
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """(prefix, suffix): the special tokens the tokenizer puts around one text ([CLS] .. [SEP], <s> .., none)."""
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start], full[start + len(plain) :]
-    raise ValueError("the tokenizer's special tokens do not wrap the text's own tokens")
-
-
-def join_behaviour_tokens(
-    behaviours: list[list[int]], separator: list[int], specials: tuple[list[int], list[int]], max_length: int
-) -> list[int]:
-    """One field's token sequence from its behaviours' own tokens (oldest first, no special tokens).
-
-    They are joined by the separator's tokens; beyond max_length the oldest tokens are cut so
-    the most recent stay, then the special tokens wrap the rest. No behaviours: [] (all padding).
-    """
-    if not behaviours:
-        return []
-    prefix, suffix = specials
-    body = list(behaviours[0])
-    for tokens in behaviours[1:]:
-        body += separator
-        body += tokens
-    keep = max(max_length - len(prefix) - len(suffix), 0)
-    return prefix + body[len(body) - min(keep, len(body)) :] + suffix
-
-
-def tokenize_histories(
-    tokenizer, histories: list[list[list[str]]], items: list[str], max_length: int
-) -> dict[str, Tensor]:
-    """TokenCTR's batch from texts.
-
-    histories[b][f] lists sample b's field-f behaviour texts oldest first. Each behaviour is
-    tokenised on its own (so it has the same tokens wherever it occurs, and a token cache per
-    atom gives identical batches: `bahe_ray.features.token_batch`), then `join_behaviour_tokens`
-    joins them with BEHAVIOR_SEPARATOR's tokens, keeps the most recent tokens within max_length
-    and adds the special tokens. Items keep their first max_length tokens. Use TokenCTR.max_length.
-    """
-    n_fields = len(histories[0])
-    texts = sorted({text for sample in histories for field in sample for text in field})
-    own = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
-    separator = tokenizer(BEHAVIOR_SEPARATOR, add_special_tokens=False)["input_ids"]
-    specials = special_tokens(tokenizer)
-    seqs = [
-        join_behaviour_tokens([own[text] for text in field], separator, specials, max_length)
-        for sample in histories
-        for field in sample
-    ]
-    hist_ids, hist_mask = pad_token_ids(seqs)
-    item_ids, item_mask = pad_token_ids(token_ids(tokenizer, items, max_length))
-    return {
-        "hist_input_ids": hist_ids.view(len(histories), n_fields, -1),
-        "hist_attention_mask": hist_mask.view(len(histories), n_fields, -1),
-        "item_input_ids": item_ids,
-        "item_attention_mask": item_mask,
-    }
 
 
 class IdCTR(nn.Module):

@@ -1,4 +1,4 @@
-"""The shallow/deep split of a Hugging Face checkpoint.
+"""The layers of a Hugging Face checkpoint, split at layer k and run range by range.
 
 BAHE cuts one pretrained transformer at layer k: layers [0, k) encode behaviour texts offline,
 layers [k, L) aggregate the stored vectors during training. `Backbone` holds the pieces both
@@ -20,22 +20,12 @@ Sliding-window attention is not modelled: the masks built here are full (causal)
 
 from __future__ import annotations
 
-import itertools
-
-import json
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AttentionInterface, AutoModel, PretrainedConfig, PreTrainedModel, Qwen2Config
+from transformers import AttentionInterface, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 Family = Literal["decoder", "bert"]
@@ -43,26 +33,6 @@ Pooling = Literal["mean", "last"]
 
 DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 BERT_TYPES = frozenset({"bert"})
-
-# Random-weight presets of real shapes, for speed work without downloading weights.
-PRESETS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": dict(
-        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-    ),
-    "qwen2.5-1.5b": dict(
-        hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-        intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-    ),
-}
-
-# Files a truncated checkpoint needs besides weights and config (whichever the source has).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
-)
 
 ATTENTION = "bahe_sdpa"  # every Backbone's attention: sdpa, with length-1 sequences short-circuited
 
@@ -74,10 +44,9 @@ def sdpa_or_single(
     """Hugging Face's sdpa attention, except that a length-1 sequence attending to itself returns
     its values (the softmax of one score is 1), with no attention kernel.
 
-    BAHE's item pass runs one stored vector per sample through the upper layers. SDPA's kernels
-    spend a full tile per sequence and head on it: on an H200 (Qwen2.5-0.5B shape, batch 960)
-    those kernels took 22 ms of a 357-ms training step. Gradients are the same: the output does
-    not depend on the query or key. With attention dropout (BERT in training) sdpa runs as usual.
+    BAHE's item pass runs one stored vector per sample through the upper layers, and sdpa's
+    kernels would spend a full tile per sequence and head on it (docs/benchmarks.md). Gradients
+    are the same: the output does not depend on the query or key. With attention dropout (BERT in training) sdpa runs as usual.
     """
     if query.shape[2] == 1 and key.shape[2] == 1 and attention_mask is None and dropout == 0.0:
         groups = query.shape[1] // value.shape[1]
@@ -87,7 +56,6 @@ def sdpa_or_single(
 
 AttentionInterface.register(ATTENTION, sdpa_or_single)
 
-_LAYER_KEY = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # decoders: layers.N. ; BERT: encoder.layer.N.
 
 
 def model_family(config: PretrainedConfig) -> Family:
@@ -123,70 +91,6 @@ def pool_hidden(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return torch.where(mask.any(dim=1, keepdim=True), picked, 0.0)
 
-
-def token_ids(
-    tokenizer: Any, texts: list[str], max_length: int, side: Literal["left", "right"] = "right"
-) -> list[list[int]]:
-    """Tokenise with the tokenizer's special tokens, truncating to `max_length` tokens.
-
-    side="right" keeps the first tokens (atoms, items); side="left" keeps the most recent
-    (token-level histories). Special tokens survive truncation either way.
-    """
-    previous = tokenizer.truncation_side
-    tokenizer.truncation_side = side
-    try:
-        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    finally:
-        tokenizer.truncation_side = previous
-
-
-class AtomTokenizer:
-    """`token_ids(tokenizer, texts, max_length)` (right truncation), from the tokenizer's Rust backend.
-
-    A private copy of the backend truncates on the right and `encode_batch_fast` skips offsets,
-    so no Python object is built per text besides its id list: about 3x faster than calling the
-    transformers tokenizer (2 cores), which matters once the layers run on a GPU. The copy also
-    makes it safe on a helper thread while the tokenizer is used elsewhere.
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.backend.enable_truncation(max_length, direction="right")
-        self.backend.no_padding()
-
-    def ids(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts)]
-
-    def matrix(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Right-padded (ids (n, W), lengths (n,))."""
-        return right_pad(self.ids(texts))
-
-
-def to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
-    """A host array on `device`; pinned and asynchronous on CUDA, so it overlaps queued GPU work."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if torch.device(device).type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def pad_token_ids(seqs: list[list[int]], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """Right-pad token lists into (ids, mask) tensors; the pad id is 0 (masked, never read)."""
-    ids, lengths = right_pad(seqs)
-    return to_device(ids, device), to_device(np.arange(ids.shape[1])[None, :] < lengths[:, None], device)
-
-
-def right_pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (ids (n, W) padded with 0 on the right, lengths (n,))."""
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    width = int(lengths.max()) if len(seqs) else 0
-    ids = np.zeros((len(seqs), width), dtype=np.int64)
-    ids[np.arange(width)[None, :] < lengths[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum())
-    )
-    return ids, lengths
 
 
 class Backbone(nn.Module):
@@ -323,62 +227,7 @@ class Backbone(nn.Module):
             raise ValueError(f"layers [{start}, {end}) are outside the held layers [{held[0]}, {held[1]})")
 
 
-def preset_config(name: str) -> Qwen2Config:
-    """The config of a named random-weight preset (see PRESETS)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (known: {sorted(PRESETS)})")
-    return Qwen2Config(**PRESETS[name])
-
 
 def backbone_from_config(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> Backbone:
     """A randomly initialised Backbone of a given shape: benchmarks without a checkpoint."""
     return Backbone(AutoModel.from_config(config, attn_implementation=ATTENTION, dtype=dtype))
-
-
-def write_truncated_checkpoint(model_path: str | Path, k: int, out_dir: str | Path) -> Path:
-    """Write a checkpoint of the first k layers (+ embeddings, + final norm) with its tokenizer.
-
-    Tensors keep their names (e.g. `model.` prefixes) and the config its architecture, with
-    num_hidden_layers=k; layers >= k and any `lm_head` are dropped. AutoModel and vLLM load the
-    result; for decoders vLLM's pooled output is then final_norm(h_k), as the encoder computes.
-    `out_dir` acts as a cache: if it exists it is returned as is, and it appears atomically
-    (written beside it, then renamed), so concurrent writers are safe.
-    """
-    src, out = Path(model_path), Path(out_dir)
-    if out.exists():
-        return out
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    if not 1 <= k <= config["num_hidden_layers"]:
-        raise ValueError(f"k={k}: the checkpoint has {config['num_hidden_layers']} layers")
-    weight_files = sorted(src.glob("*.safetensors"))
-    if not weight_files:
-        raise FileNotFoundError(f"{src}: no *.safetensors weights")
-
-    tensors: dict[str, Tensor] = {}
-    for file in weight_files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                layer = _LAYER_KEY.search(name)
-                if name.startswith("lm_head.") or (layer and int(layer.group(1)) >= k):
-                    continue
-                tensors[name] = f.get_tensor(name)
-
-    config["num_hidden_layers"] = k
-    if isinstance(config.get("layer_types"), list):
-        config["layer_types"] = config["layer_types"][:k]
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        os.replace(tmp, out)
-    except OSError:
-        if not out.exists():  # a concurrent writer may have won the rename: its copy is identical
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -1,0 +1,170 @@
+"""The process around the work: Ray start-up, logging, device and dtype, memory probes, and the
+environment record that goes next to every result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bahe_ray.config import Config
+
+GB = 1e9
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster a job was submitted to, or the configured address, or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+
+
+# ---- device and dtype ------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> this process's best device; anything else as given."""
+    return default_device() if device == "auto" else device
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """What the layers compute in when nothing says otherwise: bf16 on GPU, fp32 on CPU."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def setup_device(device: str) -> None:
+    """TF32 matmuls on CUDA (fp32 work outside autocast)."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
+    """A host array on `device`; pinned and asynchronous on CUDA, so it overlaps queued GPU work."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Start a new peak: CUDA allocator stats, or the process peak RSS (Linux clear_refs)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak then covers the process lifetime
+
+
+def peak_memory_mb(device: str | torch.device) -> float:
+    """GPU: max allocated since the last reset; CPU: the process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms), bytes."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+# ---- the record next to every result ---------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(device: str | torch.device) -> dict[str, Any]:
+    """Date, versions and hardware."""
+    import transformers
+
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        import ray
+
+        env["ray"] = ray.__version__
+    except ImportError:
+        env["ray"] = None
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env |= {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / GB, 1), "cuda": torch.version.cuda}
+    return env

@@ -24,8 +24,8 @@ from bahe_ray.store import (
     PartInfo,
     StoreCorruptError,
     StoreMismatchError,
-    _create_exclusive,
 )
+from bahe_ray.store.parts import create_exclusive
 
 DIM = 8
 FP = EncoderFingerprint(
@@ -388,8 +388,8 @@ def test_manifest_keys_are_never_overwritten(tmp_path: Path, s3_server) -> None:
     for base in (str(tmp_path), s3_server.new_bucket()):
         fs, root = filesystem(base, s3_server.storage)
         key = f"{root}/manifests/v00000001.json"
-        assert _create_exclusive(fs, key, b"first")
-        assert not _create_exclusive(fs, key, b"second")
+        assert create_exclusive(fs, key, b"first")
+        assert not create_exclusive(fs, key, b"second")
         assert fs.cat_file(key) == b"first"
 
 

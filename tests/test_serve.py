@@ -31,8 +31,8 @@ from conftest import REPO, free_port
 
 from bahe_ray import bench
 from bahe_ray.atoms import atom_ids, normalize_text
-from bahe_ray.bench_serve import run_serve_benchmark
-from bahe_ray.checkpoint import CheckpointMeta, build_model, load_checkpoint, save_checkpoint
+from bahe_ray.bench import run_serve_benchmark
+from bahe_ray.checkpoint import CheckpointMeta, build_model, save_checkpoint
 from bahe_ray.config import Config, load_config
 from bahe_ray.data import movielens
 from bahe_ray.encoders import build_encoder
@@ -284,9 +284,9 @@ def test_encoder_and_scorer_refuse_another_fingerprint(world: World, foreign_che
     with pytest.raises(FingerprintMismatchError, match="max_tokens"):
         AtomEncoder.func_or_class(other)
     with pytest.raises(FingerprintMismatchError, match="checkpoint"):
-        load_scorer_state(foreign_checkpoint, world.cfg, load_checkpoint, world.fingerprint)
+        load_scorer_state(foreign_checkpoint, world.cfg, world.fingerprint)
     with pytest.raises(FingerprintMismatchError, match="online encoder"):
-        load_scorer_state(world.checkpoints[0], world.cfg, load_checkpoint, "0" * 16)
+        load_scorer_state(world.checkpoints[0], world.cfg, "0" * 16)
 
 
 # ---- bad input ------------------------------------------------------------------------------

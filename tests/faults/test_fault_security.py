@@ -192,7 +192,8 @@ def test_default_request_size_limit_is_enforced() -> None:
 
 
 def test_trust_remote_code_is_off_unless_configured(minilm_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bahe_ray.encoders import hf, split
+    from bahe_ray.encoders import hf
+    from bahe_ray.models import backbone
 
     assert EncoderConfig().trust_remote_code is False
     assert load_config(REPO / "configs" / "local.yaml").encoder.trust_remote_code is False
@@ -205,7 +206,7 @@ def test_trust_remote_code_is_off_unless_configured(minilm_path: Path, monkeypat
 
         return wrapped
 
-    monkeypatch.setattr(split.AutoModel, "from_pretrained", recording("model", split.AutoModel.from_pretrained))
+    monkeypatch.setattr(backbone.AutoModel, "from_pretrained", recording("model", backbone.AutoModel.from_pretrained))
     monkeypatch.setattr(hf.AutoTokenizer, "from_pretrained", recording("tokenizer", hf.AutoTokenizer.from_pretrained))
     for flag in (False, True):
         seen.clear()

@@ -1,0 +1,291 @@
+"""The Scorer deployment: a BAHE checkpoint and its embedding store answering ScoreRequests, many per
+model call, plus the AtomEncoder deployment for atoms the store lacks.
+
+Every candidate becomes one sample row of the offline sample table and goes through the same
+`features.sample_arrays` -> `features.bahe_batch` -> model path as offline evaluation, so a served
+score equals the offline one (within float noise). The checkpoint, the store and the online
+encoder must share one encoder fingerprint (`ensure_compatible`): vectors of different encoders
+must not mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.handle import DeploymentHandle
+
+from bahe_ray.atoms import atom_ids
+from bahe_ray.checkpoint import load_checkpoint, read_meta
+from bahe_ray.config import Config
+from bahe_ray.encoders import build_encoder
+from bahe_ray.encoders.base import ensure_compatible
+from bahe_ray.features import bahe_batch, sample_arrays
+from bahe_ray.runtime import default_device
+from bahe_ray.samples import hist_column
+from bahe_ray.serve.http import RETRY_AFTER_S
+from bahe_ray.serve.schema import CandidateScore, ModelInfo, RequestError, ScoreRequest, ScoreResponse
+from bahe_ray.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+
+class _StoreAndEncoded:
+    """A features.VectorSource: the store, then the vectors encoded online for this batch."""
+
+    def __init__(self, store: EmbeddingStore, ids: np.ndarray, vectors: np.ndarray) -> None:
+        order = np.argsort(ids)
+        self.store, self.ids, self.vectors = store, ids[order], vectors[order]
+
+    def lookup_with_mask(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        vectors, found = self.store.lookup_with_mask(ids)
+        if self.ids.size:
+            pos = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
+            fresh = ~found & (self.ids[pos] == ids)
+            vectors[fresh] = self.vectors[pos[fresh]]
+            found = found | fresh
+        return vectors, found
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One checkpoint with the store it reads; reconfigure swaps the whole of it at once."""
+
+    model: torch.nn.Module
+    store: EmbeddingStore
+    info: ModelInfo
+    device: str
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One request as sample rows (one per candidate) of the offline sample table, on one checkpoint."""
+
+    loaded: _Loaded
+    table: pa.Table
+    encoded_ids: np.ndarray
+    encoded: np.ndarray  # (len(encoded_ids), dim) vectors of atoms the store lacks
+
+
+class ScorerConfig(BaseModel):
+    """The Scorer's user_config: which checkpoint to serve. Changing it rolls the new one out in place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str
+
+
+def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) -> _Loaded:
+    """Load a checkpoint and its store, checking they and the online encoder share one fingerprint."""
+    device = default_device()
+    model, meta = load_checkpoint(checkpoint, cfg.storage, device)
+    if meta.model_kind != "bahe" or meta.store_path is None:
+        raise ValueError(f"checkpoint {checkpoint}: a {meta.model_kind} model; the scorer serves BAHE checkpoints")
+    store = EmbeddingStore.read(meta.store_path, cfg.storage)
+    ensure_compatible(
+        f"checkpoint {checkpoint}",
+        {"checkpoint": meta.encoder_fingerprint_id, "store": store.fingerprint, "online encoder": encoder_fingerprint},
+    )
+    store.lookup_with_mask(np.zeros(0, np.int64))  # load the lookup table now, not on the first request
+    info = ModelInfo(
+        kind=meta.model_kind,
+        version=meta.model_sha256[:16],
+        checkpoint=checkpoint,
+        encoder_fingerprint=store.fingerprint_id,
+        fields=meta.fields,
+        max_behaviors=meta.max_behaviors,
+        dim=meta.dim,
+        store_path=meta.store_path,
+        store_version=store.version,
+        store_atoms=store.num_atoms,
+    )
+    log.info("loaded checkpoint %s (version %s, store v%d)", checkpoint, info.version, info.store_version)
+    return _Loaded(model.eval(), store, info, device)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})  # mostly idle: only atoms the store lacks
+class AtomEncoder:
+    """The shallow encoder of the served checkpoint, for atoms its store lacks, with an LRU cache.
+
+    Refuses to start when its fingerprint differs from the store's: its vectors would not be the
+    ones the model was trained on.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        meta = read_meta(cfg.serve.checkpoint, cfg.storage)
+        if meta.store_path is None:
+            raise ValueError(f"checkpoint {cfg.serve.checkpoint} records no embedding store")
+        store = EmbeddingStore.read(meta.store_path, cfg.storage)
+        self.encoder = build_encoder(meta.cfg.encoder, storage=cfg.storage)
+        ensure_compatible("AtomEncoder", {"store": store.fingerprint, "online encoder": self.encoder.fingerprint})
+        self.cache_size = cfg.serve.encoder_cache_size
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.lock = asyncio.Lock()
+
+    def fingerprint(self) -> str:
+        return self.encoder.fingerprint.id
+
+    async def encode(self, ids: list[int], texts: list[str]) -> np.ndarray:
+        """Vectors (len(ids), dim) float32 of atoms (ids with their normalised texts), cached by id."""
+        out = np.empty((len(ids), self.encoder.dim), np.float32)
+        todo = []
+        for row, atom in enumerate(ids):
+            if atom in self.cache:
+                self.cache.move_to_end(atom)
+                out[row] = self.cache[atom]
+            else:
+                todo.append(row)
+        if todo:
+            async with self.lock:  # one encoder call at a time: they share the cores / GPU
+                fresh = await asyncio.to_thread(self.encoder.encode, [texts[row] for row in todo])
+            out[todo] = fresh
+            for row, vector in zip(todo, fresh):
+                self.cache[ids[row]] = vector.copy()  # not a view: evicted rows must free their memory
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return out
+
+
+@serve.deployment(
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    ray_actor_options={"num_cpus": 1},
+)
+class Scorer:
+    """Scores requests with the checkpoint of its user_config, many requests per model call."""
+
+    def __init__(self, cfg: Config, encoder: DeploymentHandle) -> None:
+        self.cfg, self.encoder = cfg, encoder
+        self.loaded: _Loaded | None = None
+        self.rollout_error: str | None = None
+        self._score_batch.set_max_batch_size(cfg.serve.batch_max_size)
+        self._score_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the configured checkpoint beside the current one, then swap (requests keep flowing).
+
+        A checkpoint that fails to load (or to match the store and encoder) fails a starting
+        replica, but a serving one keeps its model and reports the error in `info`: raising
+        here would make Serve replace every serving replica with ones that cannot start.
+        """
+        try:
+            checkpoint = ScorerConfig.model_validate(user_config).checkpoint
+            if self.loaded is not None and self.loaded.info.checkpoint == checkpoint:
+                return
+            fingerprint = await self.encoder.fingerprint.remote()
+            self.loaded = await asyncio.to_thread(load_scorer_state, checkpoint, self.cfg, fingerprint)
+            self.rollout_error = None
+        except Exception as err:  # noqa: BLE001 - any failure: keep serving the loaded model
+            if self.loaded is None:
+                raise
+            self.rollout_error = f"{type(err).__name__}: {err}"
+            log.error("rollout of %s failed; still serving %s: %s", user_config, self.loaded.info.checkpoint, err)
+
+    def current(self) -> _Loaded:
+        if self.loaded is None:
+            raise RuntimeError("no checkpoint loaded")
+        return self.loaded
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: unhealthy (restarted) without a loaded checkpoint."""
+        self.current()
+
+    def info(self) -> ModelInfo:
+        return self.current().info.model_copy(update={"rollout_error": self.rollout_error})
+
+    async def score(self, req: ScoreRequest) -> ScoreResponse:
+        """Scores of one request; raises RequestError for fields or atom ids the model cannot read."""
+        prepared = await self._prepare(self.current(), req)
+        scores = await self._score_batch(prepared)
+        info = prepared.loaded.info
+        return ScoreResponse(
+            request_id=req.request_id,
+            scores=[CandidateScore(item_id=c.item_id, score=float(s)) for c, s in zip(req.candidates, scores)],
+            model_version=info.version,
+            encoder_fingerprint=info.encoder_fingerprint,
+            store_version=info.store_version,
+            atoms_encoded=len(prepared.encoded_ids),
+        )
+
+    async def _prepare(self, loaded: _Loaded, req: ScoreRequest) -> _Prepared:
+        """Atom ids per field (most recent N kept) and per candidate; atoms the store lacks are encoded."""
+        fields, n = loaded.info.fields, loaded.info.max_behaviors
+        for kind, given in (("behaviors", req.behaviors), ("behavior_ids", req.behavior_ids)):
+            for name in given:
+                if name not in fields:
+                    raise RequestError(f"{kind}.{name}", f"unknown behaviour field {name!r}; this model reads {fields}")
+        # (atom id, text or None, where in the request) of everything the model will read
+        atoms: list[tuple[int, str | None, str]] = []
+        histories: dict[str, list[int]] = {}
+        for name in fields:
+            if name in req.behaviors:
+                texts = req.behaviors[name]
+                start = max(len(texts) - n, 0)
+                ids = atom_ids(texts[start:]).tolist()
+                atoms += [(a, t, f"behaviors.{name}[{start + i}]") for i, (a, t) in enumerate(zip(ids, texts[start:]))]
+            else:
+                given_ids = req.behavior_ids.get(name, [])
+                start = max(len(given_ids) - n, 0)
+                ids = given_ids[start:]
+                atoms += [(a, None, f"behavior_ids.{name}[{start + i}]") for i, a in enumerate(ids)]
+            histories[name] = ids
+        items = [c.atom_id if c.text is None else int(atom_ids([c.text])[0]) for c in req.candidates]
+        atoms += [(a, c.text, f"candidates[{i}].atom_id") for i, (a, c) in enumerate(zip(items, req.candidates))]
+        _, found = loaded.store.lookup_with_mask(np.array([a for a, _, _ in atoms], np.int64))
+        new: dict[int, str] = {}
+        for (atom, text, where), stored in zip(atoms, found.tolist()):
+            if stored:
+                continue
+            if text is None:
+                version = loaded.info.store_version
+                raise RequestError(where, f"atom id {atom} is not in the store (v{version}); send its text")
+            new[atom] = text
+        encoded_ids = np.array(list(new), np.int64)
+        encoded = np.zeros((0, loaded.info.dim), np.float32)
+        if new:
+            encoded = await self.encoder.encode.remote(list(new), list(new.values()))
+        rows = len(req.candidates)
+        table = pa.table(
+            {
+                "user_id": pa.array([req.request_id or ""] * rows, pa.string()),
+                "item_atom_id": pa.array(items, pa.int64()),
+                **{hist_column(f): pa.array([histories[f]] * rows, pa.list_(pa.int64())) for f in fields},
+            }
+        )
+        return _Prepared(loaded, table, encoded_ids, encoded)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, requests: list[_Prepared]) -> list[np.ndarray]:
+        """One model call per checkpoint among the batched requests (one unless a rollout is under way)."""
+        return await asyncio.to_thread(_forward, requests)
+
+
+def _forward(requests: list[_Prepared]) -> list[np.ndarray]:
+    """Click probabilities of each request's rows, through the offline batch path."""
+    out: list[np.ndarray] = [np.empty(0, np.float32)] * len(requests)
+    for loaded in {id(r.loaded): r.loaded for r in requests}.values():
+        mine = [i for i, r in enumerate(requests) if r.loaded is loaded]
+        table = pa.concat_tables([requests[i].table for i in mine])
+        source = _StoreAndEncoded(
+            loaded.store,
+            np.concatenate([requests[i].encoded_ids for i in mine]),
+            np.concatenate([requests[i].encoded for i in mine]),
+        )
+        arrays = sample_arrays(table, loaded.info.fields, loaded.info.max_behaviors)
+        with torch.inference_mode():
+            logits = loaded.model(bahe_batch(arrays, source, loaded.device))
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        bounds = np.cumsum([0] + [requests[i].table.num_rows for i in mine])
+        for j, i in enumerate(mine):
+            out[i] = probs[bounds[j] : bounds[j + 1]]
+    return out

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray import cloudpickle
 from sklearn.metrics import roc_auc_score
 from token_oracle import tokenize_histories
 from transformers import AutoTokenizer
@@ -31,13 +34,15 @@ from bahe_ray.checkpoint import (
     save_checkpoint,
 )
 from bahe_ray.cli import main as cli_main
-from bahe_ray.config import Config, load_config, with_overrides
+from bahe_ray.config import Config, dump_config, load_config, with_overrides
 from bahe_ray.features import MissingVectorsError, TokenCache, bahe_batch, make_batch, sample_arrays, token_batch
 from bahe_ray.samples import read_split_table
 from bahe_ray.train import (
-    FAIL_ONCE_ENV,
+    EpochStats,
     Stopwatch,
     TableSource,
+    TrainState,
+    compare,
     evaluate_checkpoint,
     fit,
     gauc,
@@ -51,6 +56,8 @@ from bahe_ray.train import (
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ["liked", "disliked"]
 TIMING = {"train_seconds", "train_cpu_seconds", "data_wait_seconds", "epoch_seconds", "samples_per_s", "peak_memory_mb"}
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers run `fail_once`; they cannot import this module
 
 
 # ---- batches and metrics -------------------------------------------------------------------
@@ -339,8 +346,21 @@ def test_local_run_exports_best_and_evaluation_reproduces_it(ml: Config, kind: s
     assert pq.read_table(scores).equals(test.scores)
 
 
-def test_ray_train_resumes_after_a_worker_failure(ml: Config, s3_server, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def fail_once(flag: str) -> Callable[[TrainState, EpochStats], None]:
+    """An epoch callback for `train_ray`: rank 0 raises after its first reported checkpoint while `flag`
+    exists, deleting it first (so the restarted group does not fail again)."""
+
+    def callback(state: TrainState, stats: EpochStats) -> None:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0 and os.path.exists(flag):
+            os.remove(flag)
+            raise RuntimeError(f"injected failure after epoch {stats.epoch}")
+
+    return callback
+
+
+def test_ray_train_resumes_after_a_worker_failure(ml: Config, s3_server, tmp_path: Path) -> None:
     """2 CPU workers (gloo), checkpoints and reports on S3; rank 0 fails once after epoch 1."""
     import s3fs
 
@@ -349,8 +369,7 @@ def test_ray_train_resumes_after_a_worker_failure(ml: Config, s3_server, tmp_pat
                               "train.num_workers=2", "train.cpus_per_worker=1", "train.max_epochs=2", "train.patience=0"])
     flag = tmp_path / "fail-once"
     flag.touch()
-    monkeypatch.setenv(FAIL_ONCE_ENV, str(flag))
-    report = train_ray(cfg, "pytest")
+    report = train_ray(cfg, "pytest", on_epoch=[fail_once(str(flag))])
     assert not flag.exists() and report["restarts"] == 1
     assert [e["epoch"] for e in report["epochs"]] == [1, 2]
     assert all(e["train_samples"] == 128 for e in report["epochs"])
@@ -367,3 +386,20 @@ def test_ray_train_resumes_after_a_worker_failure(ml: Config, s3_server, tmp_pat
     assert test.metrics == report["test"]
     val = evaluate_checkpoint(f"{out}/best", "val", cfg.storage)  # in training: sharded over 2 ranks
     assert val.metrics["auc"] == pytest.approx(report["best_val"]["val_auc"], abs=1e-6)
+
+
+def test_compare_trains_each_kind_in_a_child_process(ml: Config, tmp_path: Path) -> None:
+    """`bahe compare` without Ray, one kind: the child's report, the row taken from it, and the table."""
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(dump_config(ml))
+    out = tmp_path / "compare"
+    table = compare(str(profile), ["model.id_buckets=4096"], str(out), use_ray=False, command="pytest", kinds=("id",))
+    report = json.loads((out / "id.json").read_text())
+    assert report["model_kind"] == "id" and report["mode"] == "local" and report["run_dir"].startswith(str(out / "id"))
+    assert report["command"] == (f"bahe train --config {profile} --set model.id_buckets=4096 --set train.model_kind=id "
+                                 f"--set train.output_dir={out / 'id'} --report-json {out / 'id.json'} --no-ray")
+    [row] = table["rows"]
+    assert row["model"] == "id" and row["test_auc"] == report["test"]["auc"] and row["speedup_vs_token"] is None
+    assert row["peak_memory_mb"] == report["summary"]["peak_memory_mb"] > 0
+    assert json.loads((out / "compare.json").read_text())["rows"] == table["rows"]
+    assert (out / "compare.md").read_text().startswith("| model | test AUC |")

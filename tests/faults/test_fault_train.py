@@ -5,7 +5,7 @@ Setup: conftest.py's `ml` fixture (six real MovieLens users, MiniLM split at k=4
 samples per epoch in batches of 32, 2 epochs, one Ray Train worker. The kill comes from inside the
 worker: its training batches pass through `KillOnce`, which SIGKILLs the worker's own process after
 the first step of epoch 2 if a marker file exists (deleting it first, so it happens once). The injected
-`_ray_worker` is the library's, wrapped; nothing else of `train_ray` changes.
+worker is the library's `bahe_ray.train.ray_run._ray_worker`, wrapped; nothing else of `train_ray` changes.
 
 Ray Train's controller takes a worker's reports when it next polls the worker (every 2 s by
 default, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that dies sooner after a report loses it, and
@@ -33,7 +33,7 @@ import pytest
 import torch
 from ray import cloudpickle
 
-import bahe_ray.train
+import bahe_ray.train.ray_run
 from bahe_ray.checkpoint import (
     OPTIMIZER_FILE,
     CheckpointCorruptError,
@@ -75,18 +75,18 @@ class KillOnce:
 
 
 def killing_worker(marker: str) -> Callable[[dict[str, Any]], None]:
-    """bahe_ray.train._ray_worker with its training batches passed through KillOnce."""
+    """bahe_ray.train.ray_run._ray_worker with its training batches passed through KillOnce."""
 
     def worker(loop_config: dict[str, Any]) -> None:
-        import bahe_ray.train as train
+        import bahe_ray.train.ray_run as ray_run
 
-        run_epochs = train.run_epochs
+        run_epochs = ray_run.run_epochs
 
         def killing_run_epochs(model: Any, optimizer: Any, inputs: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
             return run_epochs(model, optimizer, inputs, KillOnce(source, marker), *args, **kwargs)
 
-        train.run_epochs = killing_run_epochs
-        train._ray_worker(loop_config)
+        ray_run.run_epochs = killing_run_epochs
+        ray_run._ray_worker(loop_config)
 
     return worker
 
@@ -104,7 +104,7 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(ml: Config, tmp_pat
 
     marker = tmp_path / "kill-once"
     marker.touch()
-    monkeypatch.setattr(bahe_ray.train, "_ray_worker", killing_worker(str(marker)))
+    monkeypatch.setattr(bahe_ray.train.ray_run, "_ray_worker", killing_worker(str(marker)))
     killed = train_ray(with_overrides(ml, [*sets, f"train.output_dir={tmp_path / 'killed'}"]), "pytest")
     assert not marker.exists(), "the worker was never killed"
     assert killed["restarts"] == 1

@@ -15,6 +15,7 @@ from transformers import Qwen2Config
 from bahe_ray import bench
 from bahe_ray.cli import main as cli_main
 from bahe_ray.config import Config, with_overrides
+from bahe_ray.models.registry import load_backbone
 
 TINY = Qwen2Config(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -64,7 +65,7 @@ def test_measure_turns_out_of_memory_into_a_misfit(tmp_path: Path) -> None:
 
 
 def test_flop_count_matches_a_hand_count() -> None:
-    backbone = bench.load_backbone(TINY, torch.float32, "cpu")
+    backbone = load_backbone(TINY, torch.float32, "cpu")
     # per layer: q 64x64+64, k and v 64x32+32 each, o 64x64, gate/up/down 3x64x128, two norms of 64
     per_layer = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
     assert bench.layer_parameters(backbone) == 2 * per_layer

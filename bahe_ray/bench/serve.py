@@ -1,4 +1,5 @@
-"""Load generator for a running scorer (`POST /v1/score`) on loopback: latency percentiles and throughput.
+"""`bench serve`: p50 / p99 latency and requests/s of `POST /v1/score` from concurrent clients on
+loopback, against a running scorer or the profile's scorer started here.
 
 `run_serve_benchmark` sends a bounded number of requests from concurrent async clients and
 stops by itself (request count or time limit, whichever comes first). Each request holds
@@ -13,6 +14,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,6 +22,7 @@ import httpx
 import numpy as np
 
 from bahe_ray.config import Config
+from bahe_ray.runtime import environment, init_ray
 from bahe_ray.store import EmbeddingStore
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -124,3 +127,31 @@ async def _load(url: str, bodies: list[bytes], clients: int, requests: int, time
         "p99_ms": pct(99),
         "mean_ms": round(statistics.fmean(ms), 1) if ms else None,
     }
+
+
+def bench_serve(
+    cfg: Config, url: str | None, clients: list[int], requests: int, candidates: int, behaviors: int,
+    time_limit_s: float, progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """One `run_serve_benchmark` per client count (`requests` timed requests per client) against `url`,
+    or against the profile's scorer (`serve.checkpoint`) started here on Ray when `url` is None.
+    `progress` gets each run as it ends."""
+
+    def runs(target: str) -> list[dict[str, Any]]:
+        rows = []
+        for n in clients:
+            rows.append(run_serve_benchmark(cfg, target, n, n * requests, candidates, behaviors, time_limit_s))
+            if progress is not None:
+                progress(rows[-1])
+        return rows
+
+    result: dict[str, Any] = {"bench": "serve", "env": environment("cpu"), "serve": cfg.serve.model_dump(mode="json")}
+    if url:
+        result["runs"] = runs(url)
+    else:
+        from bahe_ray.serve import running_scorer
+
+        init_ray(cfg)
+        with running_scorer(cfg) as started:
+            result["runs"] = runs(started)
+    return result

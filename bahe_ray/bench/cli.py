@@ -1,0 +1,174 @@
+"""`bahe bench WHAT ...` / `python -m bahe_ray.bench WHAT ...`: the benchmarks' options, and where
+each result goes (OUT/NAME.json, and NAME.png for `train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from bahe_ray.bench.encode import bench_encode
+from bahe_ray.bench.harness import write_result
+from bahe_ray.bench.loop import bench_loop
+from bahe_ray.bench.pipeline import bench_pipeline
+from bahe_ray.bench.serve import bench_serve
+from bahe_ray.bench.train import bench_train, format_train, plot_train
+from bahe_ray.config import MINILM, Config
+from bahe_ray.models.registry import PRESETS
+from bahe_ray.runtime import resolve_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bahe bench", description="benchmarks (see bahe_ray.bench)")
+    sub = parser.add_subparsers(dest="what", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+        p.add_argument("--out", default="outputs/bench", help="folder for NAME.json (and NAME.png)")
+        p.add_argument("--name", default=None, help="output name (default: derived from the run)")
+
+    t = sub.add_parser("train", help="training steps: BAHE against the token-level baseline")
+    t.add_argument("--model", action="append", default=None,
+                   help=f"preset ({', '.join(PRESETS)}), minilm-shape, {MINILM} or a folder (repeatable; "
+                        "default qwen2.5-0.5b)")
+    t.add_argument("--k", type=int, default=6, help="BAHE split layer")
+    t.add_argument("--tokens", type=int, default=32, help="tokens per behaviour (token-level side)")
+    t.add_argument("--fields", type=int, default=1, help="behaviour fields per sample, N behaviours each")
+    t.add_argument("--n", type=int, nargs="+", default=[20, 50, 100, 200], help="behaviours per field")
+    t.add_argument("--batch", type=int, default=8, help="the equal batch size")
+    t.add_argument("--best-n", type=int, nargs="*", default=None,
+                   help="N values for the best-batch search (default: --n on GPU, none on CPU)")
+    t.add_argument("--budget-gb", type=float, default=80.0, help="memory budget of the best-batch search")
+    t.add_argument("--max-batch", type=int, default=4096)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--lookup", choices=["device", "host"], default=None,
+                   help="BAHE's embedding lookup: store table on the device, or host store + copy "
+                        "(default: device on GPU, host on CPU)")
+    t.add_argument("--atoms", type=int, default=100_000, help="atoms in the benchmark's embedding store")
+    t.add_argument("--compile", action="store_true", help="torch.compile every transformer layer (both sides)")
+    t.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default=None,
+                   help="torch.compile mode with --compile; reduce-overhead replays each layer as a CUDA graph")
+    t.add_argument("--compile-backend", choices=["inductor", "cudagraphs"], default="inductor",
+                   help="torch.compile backend with --compile; cudagraphs replays the eager kernels as CUDA graphs")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="capture each side's whole training step as one CUDA graph and replay it (GPU)")
+    t.add_argument("--sides", nargs="+", choices=["bahe", "token"], default=["bahe", "token"])
+    common(t)
+
+    e = sub.add_parser("encode", help="shallow encoder throughput")
+    e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="encoder backend of the --data runs (bench.encode.encode_throughput)")
+    e.add_argument("--model", default=None, help="model-level run: preset, minilm-shape, MINILM or a folder")
+    e.add_argument("--k", type=int, default=6)
+    e.add_argument("--tokens", type=int, default=32, help="tokens per atom (model-level and random texts)")
+    e.add_argument("--batch-atoms", type=int, nargs="+", default=[256, 1024, 4096, 16384],
+                   help="micro-batch sizes (atoms) of the model-level run")
+    e.add_argument("--texts", type=int, default=0,
+                   help="also run TransformersEncoder.encode over this many random texts (random checkpoint)")
+    e.add_argument("--max-batch-tokens", type=int, nargs="+", default=[16384],
+                   help="TransformersEncoder max_batch_tokens values for --texts")
+    e.add_argument("--data", nargs="*", choices=["movielens", "synthetic"], default=[],
+                   help="also encode these sources' unique atoms with the configured encoder")
+    e.add_argument("--events", type=int, default=1_000_000, help="synthetic events")
+    e.add_argument("--warmup", type=int, default=3)
+    e.add_argument("--steps", type=int, default=10)
+    e.add_argument("--compile", action="store_true", help="torch.compile the k layers (model level and --texts)")
+    common(e)
+
+    v = sub.add_parser("serve", help="latency and throughput of POST /v1/score from concurrent clients")
+    v.add_argument("--url", default=None,
+                   help="a running scorer on loopback (default: start the profile's scorer, serve.checkpoint, on local Ray)")
+    v.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent clients, one run each")
+    v.add_argument("--requests", type=int, default=10, help="timed requests per client")
+    v.add_argument("--candidates", type=int, default=100)
+    v.add_argument("--behaviors", type=int, default=50, help="behaviours per field")
+    v.add_argument("--time-limit", type=float, default=300.0, help="seconds per run at most")
+    common(v)
+
+    lp = sub.add_parser("loop", help="BAHE's training loop end to end (local and Ray Train) against the model alone")
+    lp.add_argument("--model", default="qwen2.5-0.5b", help="random-weight preset (a Qwen2 shape)")
+    lp.add_argument("--k", type=int, default=6)
+    lp.add_argument("--n", type=int, default=100, help="behaviours per field")
+    lp.add_argument("--batch", type=int, default=256)
+    lp.add_argument("--epochs", type=int, default=2)
+    lp.add_argument("--no-ray", action="store_true", help="skip the Ray Train run")
+    lp.add_argument("--warmup", type=int, default=3)
+    lp.add_argument("--steps", type=int, default=10)
+    common(lp)
+    p = sub.add_parser("pipeline", help="the Ray Data encode job against a plain loop (local Ray)")
+    p.add_argument("--data", choices=["movielens", "synthetic"], default="movielens")
+    p.add_argument("--events", type=int, default=1_000_000, help="synthetic events")
+    common(p)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> list[Path]:
+    device = resolve_device(args.device)
+    best_n = args.best_n if args.best_n is not None else (args.n if device.startswith("cuda") else [])
+    written = []
+    for model in args.model or ["qwen2.5-0.5b"]:
+        variant = ("-compiled" if args.compile else "") + ("-graph" if args.cuda_graph else "")
+        name = args.name or f"train-{Path(model).name}-{device.split(':')[0]}{variant}"
+        result = bench_train(
+            model, k=args.k, tokens=args.tokens, fields=args.fields, ns=args.n, equal_batch=args.batch,
+            best_ns=best_n, budget_gb=args.budget_gb, max_batch=args.max_batch, warmup=args.warmup,
+            steps=args.steps, lookup=args.lookup, atoms=args.atoms, compile=args.compile, compile_mode=args.compile_mode,
+            compile_backend=args.compile_backend, cuda_graph=args.cuda_graph,
+            sides=tuple(args.sides), device=device, progress=lambda partial: write_result(partial, args.out, name),
+        )
+        written.append(write_result(result, args.out, name, plot_train))
+        print(format_train(result))
+    return written
+
+
+def run_encode(cfg: Config, args: argparse.Namespace) -> Path:
+    device = resolve_device(args.device)
+    result = bench_encode(
+        cfg, backend=args.backend, model=args.model, k=args.k, tokens=args.tokens, batch_atoms=args.batch_atoms,
+        texts=args.texts, max_batch_tokens=args.max_batch_tokens, data=args.data, events=args.events,
+        warmup=args.warmup, steps=args.steps, compile=args.compile, device=device,
+    )
+    path = write_result(result, args.out, args.name or f"encode-{device.split(':')[0]}")
+    print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
+    return path
+
+
+def run_serve(cfg: Config, args: argparse.Namespace) -> Path:
+    """One load run per --clients value against --url, or against the profile's scorer started here."""
+    keys = ("clients", "requests", "p50_ms", "p99_ms", "requests_per_s")
+    result = bench_serve(cfg, args.url, args.clients, args.requests, args.candidates, args.behaviors,
+                         args.time_limit, progress=lambda row: print(json.dumps({k: row[k] for k in keys})))
+    return write_result(result, args.out, args.name or "serve-cpu")
+
+
+def run_loop(cfg: Config, args: argparse.Namespace) -> Path:
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = bench_loop(cfg, args.model, args.k, args.n, args.batch, args.epochs, tmp, device,
+                            not args.no_ray, args.warmup, args.steps)
+    path = write_result(result, args.out, args.name or f"loop-{args.model}-{device.split(':')[0]}")
+    print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
+    return path
+
+
+def run_pipeline(cfg: Config, args: argparse.Namespace) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = bench_pipeline(cfg, args.data, args.events, tmp)
+    path = write_result(result, args.out, args.name or f"pipeline-{args.data}")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("env", "encoder")}, indent=1))
+    return path
+
+
+def main(cfg: Config, argv: list[str]) -> int:
+    """`bahe bench WHAT ...` (cfg from bahe's --config/--set)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.what == "train":
+        if args.cuda_graph and not resolve_device(args.device).startswith("cuda"):
+            parser.error("--cuda-graph: the whole-step CUDA graph needs a CUDA device")
+        run_train(args)
+    else:
+        {"encode": run_encode, "serve": run_serve, "loop": run_loop, "pipeline": run_pipeline}[args.what](cfg, args)
+    return 0

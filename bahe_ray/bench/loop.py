@@ -1,0 +1,96 @@
+"""`bench loop`: BAHE's training loop end to end (`train_local`, `train_ray`) against the model alone
+(`train_step` on one batch already on the device), with the same model, optimizer and precision.
+
+The ratio of the two says what the loop around the step (sample reads, prefetch, store lookup, Ray
+Data and Ray Train) costs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+from bahe_ray.bench.encode import random_checkpoint
+from bahe_ray.bench.harness import Result, free_memory, time_calls
+from bahe_ray.config import Config
+from bahe_ray.models.registry import model_label
+from bahe_ray.runtime import environment, init_ray, to_device
+
+
+def model_level(cfg: Config, device: str, warmup: int, steps: int) -> Result:
+    """`train_step` on the first cfg.train.batch_size training samples, already on the device."""
+    from bahe_ray.samples import read_split_table
+    from bahe_ray.train import autocast_dtype, batch_inputs, initial_model, make_optimizer, train_step
+
+    tc = cfg.train
+    net = initial_model("bahe", cfg).to(device)
+    optimizer = make_optimizer(net, tc)
+    inputs = batch_inputs("bahe", cfg, net)
+    arrays = inputs.arrays(read_split_table(cfg.samples.path, "train", cfg.storage).slice(0, tc.batch_size))
+    ready, labels = inputs.batch(arrays, device), to_device(arrays.labels, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    dtype = autocast_dtype(tc.precision, device)
+    times = time_calls(lambda i: train_step(net, optimizer, ready, labels, params, tc.grad_clip, dtype), device,
+                       warmup, steps)
+    step_ms = statistics.median(times)
+    return {"step_ms": round(step_ms, 3), "samples_per_s": round(tc.batch_size / step_ms * 1e3, 1),
+            "step_ms_runs": [round(t, 3) for t in times]}
+
+
+def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch: int, epochs: int,
+               workdir: str | Path, device: str, use_ray: bool, warmup: int, steps: int) -> Result:
+    """BAHE's training loop end to end against the model alone, same model, optimizer and precision.
+
+    A synthetic log (`data.synthetic`, one behaviour field per `data.synthetic.fields`) is encoded
+    by a random-weight checkpoint of `model` (`run_encode_local`) and turned into samples (Ray
+    Data). Then: `model`: `train.train_step` on one batch already on the device; `local`:
+    `train_local` (sample table, prefetched batches, store lookup, step); `ray`: `train_ray` with
+    one worker (Ray Data shard, Ray Train). End-to-end figures are the last epoch's (the first
+    carries the warm-up); the ratio is end-to-end over model-level samples/s.
+    """
+    from bahe_ray.encode import prepare_inputs, run_encode_local
+    from bahe_ray.samples import build_configured_samples
+    from bahe_ray.train import train_local, train_ray
+
+    work = Path(workdir)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.source, cfg.data.prepared_path = "synthetic", str(work / "data")  # type: ignore[assignment]
+    checkpoint = random_checkpoint(model, None, work / "model")
+    cfg.encoder.model, cfg.encoder.k, cfg.encoder.backend = str(checkpoint), k, "transformers"
+    cfg.store.path, cfg.rejects_path = str(work / "store"), str(work / "rejects")
+    cfg.samples.path, cfg.samples.fields, cfg.samples.max_behaviors = str(work / "samples"), cfg.data.synthetic.fields, n
+    tc = cfg.train
+    tc.model_kind, tc.batch_size, tc.max_epochs, tc.patience = "bahe", batch, epochs, 0
+    tc.use_gpu, tc.num_workers, tc.max_train_samples = device.startswith("cuda"), 1, None
+    events_path, impressions_path, _ = prepare_inputs(cfg)
+    cfg.data.source = "files"  # type: ignore[assignment]
+    cfg.data.events_path, cfg.data.impressions_path = events_path, impressions_path
+    encoded = run_encode_local(cfg, device=device)
+    init_ray(cfg)
+    samples = build_configured_samples(cfg)
+
+    model_row = model_level(cfg, device, warmup, steps)
+    free_memory(device)
+
+    def end_to_end(train: Callable[[Config], Result], name: str) -> Result:
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.train.output_dir = str(work / f"train-{name}")
+        report = train(run_cfg)
+        last = report["epochs"][-1]
+        free_memory(device)
+        keys = ("train_seconds", "data_wait_seconds", "samples_per_s", "train_samples")
+        return {"epochs": [{key: e[key] for key in keys} for e in report["epochs"]],
+                "samples_per_s": last["samples_per_s"],
+                "of_model_level": round(last["samples_per_s"] / model_row["samples_per_s"], 3)}
+
+    result: Result = {
+        "bench": "loop", "env": environment(device), "model": model_label(model), "k": k, "n": n, "batch": batch,
+        "fields": list(cfg.samples.fields), "precision": tc.precision, "unique_atoms": encoded.unique_atoms,
+        "samples": samples.counts, "model_level": model_row, "local": end_to_end(train_local, "local"),
+    }
+    if use_ray:
+        result["ray"] = end_to_end(train_ray, "ray")
+    return result

@@ -1,0 +1,210 @@
+"""`bench train`: training-step time (forward + backward + AdamW step), samples/s and peak memory of
+BaheCTR and TokenCTR over N behaviours of T tokens in F fields.
+
+Both sides run at one batch size, then each at its best batch within a memory budget. BAHE's
+step includes the embedding lookup (atom ids -> stored vectors) from a real store (`bench.step`).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PretrainedConfig
+
+from bahe_ray.bench.harness import Result, best_trial, free_memory, search_batch
+from bahe_ray.bench.step import Lookup, Side, TrainSide, host_lookup, random_store
+from bahe_ray.models.registry import model_config, model_label, weights_kind
+from bahe_ray.runtime import default_dtype, environment, resolve_device, setup_device
+
+
+def host_lookup_ms(store: Any, batch: int, n_fields: int, n: int, device: str, repeats: int = 3) -> float:
+    """Median ms of the host path for one batch: EmbeddingStore.lookup of B*F*N+B ids, copy to the device."""
+    ids = torch.from_numpy(np.random.default_rng(0).choice(store.ids(), size=(batch, n_fields * n + 1)))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        host_lookup(store, ids, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return round(statistics.median(times[1:]), 3)
+
+
+def bench_train(
+    model: str | PretrainedConfig,
+    *,
+    k: int,
+    tokens: int = 32,
+    fields: int = 1,
+    ns: list[int],
+    equal_batch: int = 8,
+    best_ns: list[int] | None = None,
+    budget_gb: float = 80.0,
+    max_batch: int = 4096,
+    warmup: int = 3,
+    steps: int = 10,
+    lookup: Lookup | None = None,
+    atoms: int = 100_000,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
+    cuda_graph: bool = False,
+    sides: tuple[Side, ...] = ("bahe", "token"),
+    device: str = "auto",
+    progress: Callable[[Result], None] | None = None,
+) -> Result:
+    """Both sides at `equal_batch` for every N in `ns`, then each at its best batch within `budget_gb`
+    for every N in `best_ns` (search trials use the same warm-up and step counts). `progress`
+    gets the partial result after every measurement (a killed run keeps what it measured)."""
+    device = resolve_device(device)
+    setup_device(device)
+    lookup = lookup or ("device" if device.startswith("cuda") else "host")
+    config = model_config(model)
+    per_side: dict[str, Result] = {}
+    result: Result = {
+        "bench": "train",
+        "env": environment(device),
+        "model": model_label(model),
+        "weights": weights_kind(model),
+        "k": k,
+        "tokens_per_behavior": tokens,
+        "fields": fields,
+        "dtype": str(default_dtype(device)).removeprefix("torch."),
+        "optimizer": "AdamW fused" if device.startswith("cuda") else "AdamW foreach",
+        "compile": compile,
+        "compile_mode": compile_mode,
+        "compile_backend": compile_backend,
+        "cuda_graph": cuda_graph,
+        "lookup": lookup,
+        "store_atoms": atoms,
+        "budget_gb": budget_gb,
+        "warmup": warmup,
+        "steps": steps,
+        "sides": per_side,
+    }
+
+    def update() -> None:
+        result["equal_batch"] = {"batch": equal_batch, "rows": compare_equal(per_side)}
+        result["best_batch"] = compare_best(per_side)
+        if progress is not None:
+            progress(result)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = random_store(Path(tmp) / "store", config.hidden_size, atoms) if "bahe" in sides else None
+        for side in sides:
+            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile, compile_mode, compile_backend,
+                           cuda_graph)
+            data: Result = {"layer_params": ts.layer_params, "layers": ts.n_layers, "equal": [], "best": []}
+            per_side[side] = data
+            for n in ns:
+                data["equal"].append(ts.measure(equal_batch, n, warmup, steps, budget_gb))
+                update()
+            for n in best_ns or []:
+                trials = search_batch(
+                    functools.partial(ts.measure, n=n, warmup=warmup, steps=steps, budget_gb=budget_gb), 1, max_batch
+                )
+                row: Result = {"n": n, "best": best_trial(trials), "trials": trials}
+                if side == "bahe" and device.startswith("cuda") and row["best"]:
+                    row["host_lookup_ms"] = host_lookup_ms(store, row["best"]["batch"], fields, n, device)
+                data["best"].append(row)
+                update()
+            del ts
+            free_memory(device)
+    update()
+    return result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def compare_equal(per_side: dict[str, Result]) -> list[Result]:
+    """Per N at the equal batch: token/BAHE step time (speedup) and peak memory (memory_ratio)."""
+    if len(per_side) < 2:
+        return []
+    rows = []
+    for bahe, token in zip(per_side["bahe"]["equal"], per_side["token"]["equal"], strict=False):
+        rows.append({
+            "n": bahe["n"], "bahe_ms": bahe.get("step_ms"), "token_ms": token.get("step_ms"),
+            "bahe_gb": bahe.get("peak_gb"), "token_gb": token.get("peak_gb"),
+            "speedup": _ratio(token.get("step_ms"), bahe.get("step_ms")),
+            "memory_ratio": _ratio(token.get("peak_gb"), bahe.get("peak_gb")),
+        })
+    return rows
+
+
+def compare_best(per_side: dict[str, Result]) -> list[Result]:
+    """Per N at each side's best batch: samples/s of both and their ratio."""
+    if len(per_side) < 2:
+        return []
+    rows = []
+    for bahe, token in zip(per_side["bahe"]["best"], per_side["token"]["best"], strict=False):
+        b, t = bahe["best"] or {}, token["best"] or {}
+        rows.append({
+            "n": bahe["n"],
+            "bahe_batch": b.get("batch"), "bahe_samples_per_s": b.get("samples_per_s"), "bahe_gb": b.get("reserved_gb"),
+            "token_batch": t.get("batch"), "token_samples_per_s": t.get("samples_per_s"), "token_gb": t.get("reserved_gb"),
+            "speedup": _ratio(b.get("samples_per_s"), t.get("samples_per_s")),
+        })
+    return rows
+
+
+def plot_train(result: Result, path: str | Path) -> None:
+    """Step time and peak memory against N at the equal batch, and best-batch samples/s against N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = result["sides"]
+    has_best = any(s["best"] for s in sides.values())
+    fig, axes = plt.subplots(1, 3 if has_best else 2, figsize=(15 if has_best else 10, 4))
+    batch = result["equal_batch"]["batch"]
+    for side, data in sides.items():
+        rows = [r for r in data["equal"] if not r["oom"]]
+        ns = [r["n"] for r in rows]
+        axes[0].plot(ns, [r["step_ms"] for r in rows], "o-", label=side)
+        axes[1].plot(ns, [r["peak_gb"] for r in rows], "o-", label=side)
+        if has_best:
+            best = [r for r in data["best"] if r["best"]]
+            axes[2].plot([r["n"] for r in best], [r["best"]["samples_per_s"] for r in best], "o-", label=side)
+    axes[0].set(title=f"step time, batch {batch}", ylabel="ms per step (median)", yscale="log")
+    axes[1].set(title=f"peak memory, batch {batch}", ylabel="GB", yscale="log")
+    if has_best:
+        axes[2].set(title=f"best batch within {result['budget_gb']:g} GB", ylabel="samples/s", yscale="log")
+    for ax in axes:
+        ax.set_xlabel("behaviours per sample N")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(
+        f"{result['model']} ({result['weights']} weights), k={result['k']}, T={result['tokens_per_behavior']}, "
+        f"F={result['fields']}, {result['dtype']}{', compiled' if result['compile'] else ''}"
+        f"{', CUDA graph' if result['cuda_graph'] else ''}, "
+        f"{result['env'].get('gpu') or '{cpu} CPU, {cpu_count} cores'.format(**result['env'])}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_train(result: Result) -> str:
+    """The equal-batch and best-batch tables as text."""
+    lines = [f"{result['model']} k={result['k']} T={result['tokens_per_behavior']} F={result['fields']} "
+             f"{result['dtype']} lookup={result['lookup']} compile={result['compile']} cuda_graph={result['cuda_graph']}"]
+    lines.append(f"equal batch {result['equal_batch']['batch']}:  N  bahe_ms  token_ms  speedup  bahe_gb  token_gb  mem_ratio")
+    for r in result["equal_batch"]["rows"]:
+        lines.append(f"  {r['n']:>5} {r['bahe_ms']} {r['token_ms']} {r['speedup']} {r['bahe_gb']} {r['token_gb']} {r['memory_ratio']}")
+    if result["best_batch"]:
+        lines.append("best batch:  N  bahe(batch, samples/s, GB)  token(batch, samples/s, GB)  speedup")
+        for r in result["best_batch"]:
+            lines.append(f"  {r['n']:>5} ({r['bahe_batch']}, {r['bahe_samples_per_s']}, {r['bahe_gb']}) "
+                         f"({r['token_batch']}, {r['token_samples_per_s']}, {r['token_gb']}) {r['speedup']}")
+    return "\n".join(lines)

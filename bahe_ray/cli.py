@@ -188,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("store", cmd_store, "inspect or check an embedding store")
     p.add_argument("action", choices=["info", "verify", "gc"])
     p.add_argument("path", nargs="?", default=None, help="store path (default: store.path of the config)")
-    p = command("bench", cmd_bench, "benchmarks: BAHE vs token-level training, the shallow encoder, the scorer, the encode job")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="{train,encode,serve,pipeline} ...",
+    p = command("bench", cmd_bench,
+                "benchmarks: BAHE vs token-level training, the shallow encoder, the training loop, the encode job, "
+                "the scorer")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="{train,encode,loop,pipeline,serve} ...",
                    help="what to run and its options (bahe bench train -h); --config/--set go before it")
     command("samples", cmd_samples, "build the point-in-time sample table from the configured inputs")
     p = command("train", cmd_train, "train train.model_kind (builds the sample table if missing)")

@@ -147,8 +147,36 @@ class TrainConfig(_Section):
     # per behaviour), not from files every epoch; turn off for tables larger than object store memory.
     materialize_splits: bool = True
     prefetch_batches: int = Field(2, ge=0)  # batches assembled ahead in a background thread; 0: inline
+    # The training step (`bahe_ray.train.step.TrainStep`); docs/usage.md#the-training-step says what each gained.
+    # autocast dtype: auto = bf16 on GPU and none on CPU; bfloat16 = bf16 autocast everywhere; float32 = none
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # the transformer layers' weights (and their AdamW state); bfloat16 = pure bf16, no fp32 master copy
+    # (autocast, above, is separate); head and field embedding stay fp32; the id baseline has no layers
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+    # AdamW's implementation: auto = fused on CUDA and PyTorch's default elsewhere (a for-loop on CPU)
+    optimizer: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    compile: bool = False  # torch.compile each transformer layer (regional); every new input shape compiles once
+    # torch.compile mode with compile; the modes with CUDA graphs of their own are left out (see cuda_graph)
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] | None = None
+    # capture the whole step (lookup, forward, backward, clip, AdamW) once as one CUDA graph and replay it;
+    # GPU and one worker only. Training batches then have one shape: histories padded to samples.max_behaviors
+    # (the token baseline: to its max length), and an epoch's partial last batch is dropped. Evaluation stays eager.
+    cuda_graph: bool = False
+    # BAHE: the store's vectors resident on the training device when they take at most this many GB, looked
+    # up there by row inside the step; 0 (or a larger store): vectors looked up on the host for every batch
+    device_table_gb: float = Field(0.0, ge=0)
     resume_from: str | None = None  # warm start: initial weights from a checkpoint folder (daily update)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.cuda_graph and not self.use_gpu:
+            raise ValueError("train.cuda_graph: the whole-step CUDA graph needs a GPU (train.use_gpu: true)")
+        if self.cuda_graph and self.num_workers > 1:
+            raise ValueError("train.cuda_graph: one worker only (train.num_workers: 1); with DDP the gradient "
+                             "all-reduce would be captured in the graph too, which is not supported")
+        if self.compile_mode is not None and not self.compile:
+            raise ValueError("train.compile_mode: applies with train.compile: true")
+        return self
 
 
 class ServeConfig(_Section):

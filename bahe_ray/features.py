@@ -5,11 +5,12 @@ where they are used. Two steps:
 
 1. `sample_arrays(table, fields, N)`: the id arrays of a batch of sample rows (histories padded
    to N, most recent kept), independent of the model;
-2. `bahe_batch` / `token_batch` / `id_batch` (or `make_batch(kind, ...)`): the tensors of one
-   model's batch dict (formats in `bahe_ray.model`).
+2. `bahe_batch` / `token_batch` / `id_batch` (or `make_batch(kind, ...)`): one model's
+   `ModelBatch`, its tensors (formats in `bahe_ray.models.ctr`) and whether they hold padding.
 
 BAHE reads vectors through any `VectorSource` (the embedding store, or the scorer's store plus
-freshly encoded unseen atoms). The token baseline reads texts through a `TokenCache`, which
+freshly encoded unseen atoms), or ships rows of a table already on the device (`VectorRows`,
+`bahe_row_batch`). The token baseline reads texts through a `TokenCache`, which
 tokenises each atom once and joins cached token lists exactly as `model.tokenize_histories`.
 """
 
@@ -77,40 +78,107 @@ def used_width(mask: np.ndarray) -> int:
     return int(used[-1]) + 1 if used.size else 1
 
 
-def bahe_batch(arrays: SampleArrays, vectors: VectorSource, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class ModelBatch:
+    """One model's batch: its tensors (formats in `bahe_ray.models.ctr`), and whether a mask holds padding.
+
+    The padding is known on the host where the batch is built, so the model is told
+    (`forward(tensors, padded=...)`) instead of reading the mask back from the device, which
+    waits for the GPU and cannot be captured in a CUDA graph.
+    """
+
+    tensors: dict[str, Tensor]
+    padded: bool
+
+
+class VectorRows(Protocol):
+    """Atom id -> row of a vector table held where the model runs (`bahe_ray.train.DeviceTable`)."""
+
+    zero_row: int  # a row of zeros, for padded positions
+
+    def locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found mask) of `atoms` (1-D)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _BaheLayout:
+    """The ids of a BAHE batch as the model will see them: histories (cut or fixed width, maybe one row per
+    distinct history) and every atom they and the items need, once each."""
+
+    hist_ids: np.ndarray  # (U, F, W)
+    hist_mask: np.ndarray  # (U, F, W)
+    user_index: np.ndarray | None  # (B,): sample b's history row, when U < B
+    atoms: np.ndarray  # distinct atoms of the real behaviours and the items
+    slots: np.ndarray  # atoms index of each real behaviour (hist_mask order), then of each item
+    n_real: int
+
+    @classmethod
+    def of(cls, arrays: SampleArrays, fixed: bool) -> _BaheLayout:
+        width = arrays.hist_mask.shape[-1] if fixed else used_width(arrays.hist_mask)
+        hist_ids, hist_mask = arrays.hist_ids[:, :, :width], arrays.hist_mask[:, :, :width]
+        rows, user_index = len(arrays), None
+        if not fixed:  # rows with the same history (a user's candidates when serving) run the deep layers once
+            keys = np.concatenate([hist_ids.reshape(rows, -1), hist_mask.reshape(rows, -1)], axis=1)
+            _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+            if len(first) < rows:
+                hist_ids, hist_mask, user_index = hist_ids[first], hist_mask[first], inverse.reshape(-1)
+        real = hist_ids[hist_mask]
+        atoms, slots = np.unique(np.concatenate([real, arrays.item_ids]), return_inverse=True)
+        return cls(hist_ids, hist_mask, user_index, atoms, slots, real.size)
+
+    def check(self, found: np.ndarray) -> None:
+        """MissingVectorsError unless every atom was `found`."""
+        if not found.all():
+            missing = ~found[self.slots]
+            raise MissingVectorsError(
+                f"{int(missing[: self.n_real].sum())} of {self.n_real} behaviours and {int(missing[self.n_real :].sum())} "
+                f"of {missing.size - self.n_real} items have no stored vector (run `bahe encode` over these logs)"
+            )
+
+    def indices(self, rows: np.ndarray, zero_row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(history rows (U, F, W) with `zero_row` at padding, item rows (B,)) given each atom's row."""
+        hist = np.full(self.hist_ids.shape, zero_row, dtype=np.int64)
+        hist[self.hist_mask] = rows[self.slots[: self.n_real]]
+        return hist, rows[self.slots[self.n_real :]].astype(np.int64)
+
+    def batch(self, tensors: dict[str, Tensor], device: str | torch.device) -> ModelBatch:
+        tensors["hist_mask"] = to_device(self.hist_mask, device)
+        if self.user_index is not None:
+            tensors["user_index"] = to_device(self.user_index.astype(np.int64), device)
+        return ModelBatch(tensors, padded=not self.hist_mask.all())
+
+
+def bahe_batch(arrays: SampleArrays, vectors: VectorSource, device: str | torch.device = "cpu",
+               fixed: bool = False) -> ModelBatch:
     """BaheCTR's batch: stored vectors of the real behaviours (masked positions are zeros) and of the item.
 
     Each distinct atom's vector is looked up and shipped once; the padded (B, F, N, d) batch is
     gathered where the model runs (`gather_rows`). Histories are cut after the last used
     position, so the deep layers run over the batch's longest history rather than always N (as
-    the token baseline pads to its longest sequence).
+    the token baseline pads to its longest sequence), and samples with the same history share
+    one row (`user_index`). `fixed`: neither, so every batch of B rows has one shape (B, F, N)
+    (a captured CUDA graph replays one shape).
     """
-    width = used_width(arrays.hist_mask)
-    hist_ids, hist_mask = arrays.hist_ids[:, :, :width], arrays.hist_mask[:, :, :width]
-    rows = len(arrays)
-    # Rows with the same history (a user's candidates when serving) run the deep layers once.
-    keys = np.concatenate([hist_ids.reshape(rows, -1), hist_mask.reshape(rows, -1)], axis=1)
-    _, first, user_index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    shared = len(first) < rows
-    if shared:
-        hist_ids, hist_mask = hist_ids[first], hist_mask[first]
-    real = hist_ids[hist_mask]
-    atoms, slots = np.unique(np.concatenate([real, arrays.item_ids]), return_inverse=True)
-    found_vectors, found = vectors.lookup_with_mask(atoms)
-    if not found.all():
-        missing = ~found[slots]
-        raise MissingVectorsError(
-            f"{int(missing[: real.size].sum())} of {real.size} behaviours and {int(missing[real.size :].sum())} of "
-            f"{rows} items have no stored vector (run `bahe encode` over these logs)"
-        )
+    layout = _BaheLayout.of(arrays, fixed)
+    found_vectors, found = vectors.lookup_with_mask(layout.atoms)
+    layout.check(found)
     table = np.concatenate([found_vectors, np.zeros((1, found_vectors.shape[-1]), np.float32)])
-    hist_slots = np.full(hist_ids.shape, len(atoms), dtype=np.int64)
-    hist_slots[hist_mask] = slots[: real.size]
-    hist, item = gather_rows(table, [hist_slots, slots[real.size :]], device)
-    batch = {"hist": hist, "hist_mask": to_device(hist_mask, device), "item": item}
-    if shared:
-        batch["user_index"] = to_device(user_index.reshape(-1).astype(np.int64), device)
-    return batch
+    hist_slots, item_slots = layout.indices(np.arange(len(layout.atoms)), len(layout.atoms))
+    hist, item = gather_rows(table, [hist_slots, item_slots], device)
+    return layout.batch({"hist": hist, "item": item}, device)
+
+
+def bahe_row_batch(arrays: SampleArrays, table: VectorRows, device: str | torch.device = "cpu",
+                   fixed: bool = False) -> ModelBatch:
+    """`bahe_batch` for vectors resident on the device: rows of `table` (hist_rows (B, F, N), item_rows (B,))
+    instead of vectors, gathered inside the step (`DeviceTable.expand`). Rows are found on the host, so
+    a missing vector raises here as on the host path."""
+    layout = _BaheLayout.of(arrays, fixed)
+    rows, found = table.locate(layout.atoms)
+    layout.check(found)
+    hist_rows, item_rows = layout.indices(rows, table.zero_row)
+    return layout.batch({"hist_rows": to_device(hist_rows, device), "item_rows": to_device(item_rows, device)}, device)
 
 
 def gather_rows(table: np.ndarray, indices: Sequence[np.ndarray], device: str | torch.device) -> list[Tensor]:
@@ -160,8 +228,10 @@ class TokenCache:
         return [prefix + seq[:keep] + suffix for seq in self.tokens(ids)]
 
 
-def token_batch(arrays: SampleArrays, tokens: TokenCache, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """TokenCTR's batch; equal to `model.tokenize_histories` over the same atoms' texts."""
+def token_batch(arrays: SampleArrays, tokens: TokenCache, device: str | torch.device = "cpu",
+                fixed: bool = False) -> ModelBatch:
+    """TokenCTR's batch; equal to `model.tokenize_histories` over the same atoms' texts. Sequences are
+    padded to the batch's longest, or with `fixed` to the model's max length (one shape for every batch)."""
     b, f, _ = arrays.hist_ids.shape
     cached = tokens.tokens(arrays.hist_ids[arrays.hist_mask])
     seqs, start = [], 0
@@ -169,24 +239,28 @@ def token_batch(arrays: SampleArrays, tokens: TokenCache, device: str | torch.de
         seqs.append(join_behaviour_tokens(cached[start : start + count], tokens.separator, tokens.specials,
                                           tokens.max_length))
         start += count
-    hist_ids, hist_mask = pad_token_ids(seqs, device)
-    item_ids, item_mask = pad_token_ids(tokens.item_tokens(arrays.item_ids), device)
-    return {
+    items = tokens.item_tokens(arrays.item_ids)
+    width = tokens.max_length if fixed else None
+    hist_ids, hist_mask = pad_token_ids(seqs, device, width)
+    item_ids, item_mask = pad_token_ids(items, device, width)
+    padded = min(map(len, seqs)) < hist_ids.shape[1] or min(map(len, items)) < item_ids.shape[1]
+    return ModelBatch({
         "hist_input_ids": hist_ids.view(b, f, -1),
         "hist_attention_mask": hist_mask.view(b, f, -1),
         "item_input_ids": item_ids,
         "item_attention_mask": item_mask,
-    }
+    }, padded)
 
 
-def id_batch(arrays: SampleArrays, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """IdCTR's batch: the atom ids themselves (cut after the last used position, like `bahe_batch`)."""
-    width = used_width(arrays.hist_mask)
-    return {
+def id_batch(arrays: SampleArrays, device: str | torch.device = "cpu", fixed: bool = False) -> ModelBatch:
+    """IdCTR's batch: the atom ids themselves (cut after the last used position unless `fixed`, like `bahe_batch`)."""
+    width = arrays.hist_mask.shape[-1] if fixed else used_width(arrays.hist_mask)
+    mask = arrays.hist_mask[:, :, :width]
+    return ModelBatch({
         "hist_ids": to_device(arrays.hist_ids[:, :, :width], device),
-        "hist_mask": to_device(arrays.hist_mask[:, :, :width], device),
+        "hist_mask": to_device(mask, device),
         "item_ids": to_device(arrays.item_ids, device),
-    }
+    }, padded=not mask.all())
 
 
 def make_batch(
@@ -195,16 +269,21 @@ def make_batch(
     device: str | torch.device = "cpu",
     vectors: VectorSource | None = None,
     tokens: TokenCache | None = None,
-) -> dict[str, Tensor]:
-    """The batch dict of model `kind`: BAHE needs `vectors`, the token baseline `tokens`."""
+    rows: VectorRows | None = None,
+    fixed: bool = False,
+) -> ModelBatch:
+    """The batch of model `kind`: BAHE needs `vectors` (or `rows`, vectors on the device), the token baseline
+    `tokens`. `fixed`: every batch of B rows has one shape (see `bahe_batch`)."""
     if kind == "bahe":
+        if rows is not None:
+            return bahe_row_batch(arrays, rows, device, fixed)
         if vectors is None:
             raise ValueError("a BAHE batch needs a vector source")
-        return bahe_batch(arrays, vectors, device)
+        return bahe_batch(arrays, vectors, device, fixed)
     if kind == "token":
         if tokens is None:
             raise ValueError("a token-level batch needs a token cache")
-        return token_batch(arrays, tokens, device)
+        return token_batch(arrays, tokens, device, fixed)
     if kind == "id":
-        return id_batch(arrays, device)
+        return id_batch(arrays, device, fixed)
     raise ValueError(f"unknown model kind {kind!r} (known: {MODEL_KINDS})")

@@ -94,7 +94,7 @@ def test_token_batch_equals_tokenize_histories(model: str, request: pytest.Fixtu
 
     for max_length in (12, 128):
         cache = TokenCache(tokenizer, max_length, text_source)
-        got = token_batch(arrays, cache)
+        got = token_batch(arrays, cache).tensors
         recent = [[[texts[i] for i in field[-5:]] for field in h] for h in histories]
         want = tokenize_histories(tokenizer, recent, [texts[i] for i in items], max_length)
         assert got.keys() == want.keys()
@@ -122,7 +122,7 @@ class DictVectors:
 def test_bahe_batch_reads_vectors_of_real_behaviours_only() -> None:
     vectors = DictVectors({i: np.full(3, i, np.float32) for i in range(1, 8)})
     arrays = sample_arrays(history_table([[[1, 2], [3]], [[4], []]], [5, 6]), FIELDS, max_behaviors=10)
-    batch = bahe_batch(arrays, vectors)
+    batch = bahe_batch(arrays, vectors).tensors
     assert batch["hist"].shape == (2, 2, 2, 3), "cut after the longest history, not padded to N"
     assert batch["hist"][0, 0, :, 0].tolist() == [1, 2] and batch["hist"][1, 1].abs().sum() == 0
     assert batch["hist_mask"].tolist() == [[[True, True], [True, False]], [[True, False], [False, False]]]
@@ -178,7 +178,7 @@ def test_batches_built_on_the_gpu_equal_the_cpu_ones() -> None:
     vectors = DictVectors({i: np.full(3, i, np.float32) for i in range(1, 8)})
     arrays = sample_arrays(history_table([[[1, 2], [3]], [[4], []], [[1, 2], [3]]], [5, 6, 5]), FIELDS, max_behaviors=10)
     for kind in ("bahe", "id"):
-        on_cpu, on_gpu = make_batch(kind, arrays, "cpu", vectors), make_batch(kind, arrays, "cuda", vectors)
+        on_cpu, on_gpu = make_batch(kind, arrays, "cpu", vectors).tensors, make_batch(kind, arrays, "cuda", vectors).tensors
         assert on_cpu.keys() == on_gpu.keys()
         for key, value in on_gpu.items():
             assert value.device.type == "cuda"
@@ -196,7 +196,7 @@ def test_shared_histories_run_once_with_identical_scores(minilm_path: Path) -> N
     vectors = DictVectors({i: np.random.default_rng(i).normal(size=d).astype(np.float32) for i in range(1, 12)}, d)
     arrays = sample_arrays(history_table([[[1, 2], [3]], [[1, 2], [3]], [[4], [5]], [[1, 2], [3]]], [6, 7, 8, 9]),
                            FIELDS, max_behaviors=10)
-    shared = bahe_batch(arrays, vectors)
+    shared = bahe_batch(arrays, vectors).tensors
     assert shared["hist"].shape[0] == 2 and shared["user_index"].tolist() == [0, 0, 1, 0]
     model = BaheCTR(Backbone.load(minilm_path), 2, len(FIELDS), ModelConfig()).eval()
     expanded = {"hist": shared["hist"][shared["user_index"]], "hist_mask": shared["hist_mask"][shared["user_index"]],

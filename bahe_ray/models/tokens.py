@@ -55,16 +55,20 @@ class AtomTokenizer:
         return right_pad(self.ids(texts))
 
 
-def pad_token_ids(seqs: list[list[int]], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """Right-pad token lists into (ids, mask) tensors; the pad id is 0 (masked, never read)."""
-    ids, lengths = right_pad(seqs)
+def pad_token_ids(
+    seqs: list[list[int]], device: str | torch.device = "cpu", width: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists into (ids, mask) tensors, to `width` (default: the longest); the pad id is 0
+    (masked, never read)."""
+    ids, lengths = right_pad(seqs, width)
     return to_device(ids, device), to_device(np.arange(ids.shape[1])[None, :] < lengths[:, None], device)
 
 
-def right_pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (ids (n, W) padded with 0 on the right, lengths (n,))."""
+def right_pad(seqs: list[list[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids (n, W) padded with 0 on the right, lengths (n,)); W = `width`, default the longest."""
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    width = int(lengths.max()) if len(seqs) else 0
+    if width is None:
+        width = int(lengths.max()) if len(seqs) else 0
     ids = np.zeros((len(seqs), width), dtype=np.int64)
     ids[np.arange(width)[None, :] < lengths[:, None]] = np.fromiter(
         itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum())

@@ -283,7 +283,8 @@ def _forward(requests: list[_Prepared]) -> list[np.ndarray]:
         )
         arrays = sample_arrays(table, loaded.info.fields, loaded.info.max_behaviors)
         with torch.inference_mode():
-            logits = loaded.model(bahe_batch(arrays, source, loaded.device))
+            batch = bahe_batch(arrays, source, loaded.device)
+            logits = loaded.model(batch.tensors, padded=batch.padded)
         probs = torch.sigmoid(logits.float()).cpu().numpy()
         bounds = np.cumsum([0] + [requests[i].table.num_rows for i in mine])
         for j, i in enumerate(mine):

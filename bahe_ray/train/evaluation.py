@@ -17,7 +17,7 @@ from bahe_ray.samples import read_split_table
 from bahe_ray.train.inputs import BatchInputs, batch_inputs
 from bahe_ray.train.metrics import Scored
 from bahe_ray.train.sources import BatchSource, TableSource
-from bahe_ray.train.step import autocast
+from bahe_ray.train.step import autocast, logits
 
 SCORE_COLUMNS = ["user_id", "ts", "item_id", "item_atom_id", "label"]
 
@@ -25,13 +25,14 @@ SCORE_COLUMNS = ["user_id", "ts", "item_id", "item_atom_id", "label"]
 def score(
     model: nn.Module, inputs: BatchInputs, source: BatchSource, device: str | torch.device, dtype: torch.dtype | None = None
 ) -> Scored:
-    """Click probabilities of every row of `source`, model in eval mode (fp32 unless `dtype`)."""
+    """Click probabilities of every row of `source`, model in eval mode (fp32 unless `dtype`), batches as
+    `inputs` builds them (BAHE: rows of its device table, when it has one)."""
     model.eval()
     parts = []
     with torch.inference_mode(), autocast(device, dtype):
         for table in source.batches(0):
             arrays = inputs.arrays(table)
-            probs = torch.sigmoid(model(inputs.batch(arrays, device)).float()).cpu().numpy()
+            probs = torch.sigmoid(logits(model, inputs.batch(arrays, device), inputs.table).float()).cpu().numpy()
             labels = arrays.labels if arrays.labels is not None else np.full(len(arrays), np.nan, np.float32)
             parts.append(Scored(arrays.user_ids, labels, probs))
     return Scored.concat(parts)

@@ -1,20 +1,22 @@
 """What turns sample rows into one model kind's batches: the embedding store (BAHE: vectors; the token
 baseline: texts) and the tokenizer. The sample table carries ids only; vectors and texts are looked up
-where the batch is built (`bahe_ray.features`)."""
+where the batch is built (`bahe_ray.features`), or, for training with `train.device_table_gb`, BAHE's
+vectors are resident on the device and batches carry their rows (`training_inputs`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from bahe_ray.checkpoint import unwrap
-from bahe_ray.config import Config, StorageConfig
-from bahe_ray.features import ModelKind, SampleArrays, TokenCache, make_batch, sample_arrays
+from bahe_ray.config import Config, StorageConfig, TrainConfig
+from bahe_ray.features import ModelBatch, ModelKind, SampleArrays, TokenCache, make_batch, sample_arrays
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.store import EmbeddingStore
+from bahe_ray.train.device_table import DeviceTable, device_table
 
 
 @dataclass
@@ -27,12 +29,25 @@ class BatchInputs:
     dim: int
     store: EmbeddingStore | None = None
     tokens: TokenCache | None = None
+    table: DeviceTable | None = None  # BAHE: the store's vectors on the device; batches then carry rows
+    fixed_shape: bool = False  # every batch of B rows has one shape (a captured step replays one)
 
     def arrays(self, table: pa.Table) -> SampleArrays:
         return sample_arrays(table, self.fields, self.max_behaviors)
 
-    def batch(self, arrays: SampleArrays, device: str | torch.device) -> dict[str, Tensor]:
-        return make_batch(self.kind, arrays, device, vectors=self.store, tokens=self.tokens)
+    def batch(self, arrays: SampleArrays, device: str | torch.device) -> ModelBatch:
+        return make_batch(self.kind, arrays, device, vectors=self.store, tokens=self.tokens, rows=self.table,
+                          fixed=self.fixed_shape)
+
+
+def training_inputs(inputs: BatchInputs, tc: TrainConfig, device: str | torch.device) -> BatchInputs:
+    """`inputs` as the training step takes them: BAHE's vectors on `device` when they fit
+    `train.device_table_gb` (in the weights' dtype, which the model casts them to anyway), and fixed-shape
+    batches under `train.cuda_graph`. Evaluation may use the same table with `fixed_shape=False`."""
+    table = None
+    if inputs.kind == "bahe" and inputs.store is not None:
+        table = device_table(inputs.store, device, getattr(torch, tc.weights_dtype), tc.device_table_gb)
+    return replace(inputs, table=table, fixed_shape=tc.cuda_graph)
 
 
 def batch_inputs(

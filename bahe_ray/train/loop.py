@@ -1,10 +1,11 @@
 """The training loop, one plain function that runs alone in one process (`fit`) or inside each Ray
 Train worker (`bahe_ray.train.ray_run`).
 
-Each epoch: train on shuffled sample rows (AdamW, backbone lr `train.lr`, head lr `train.head_lr`;
-bf16 autocast on GPU when precision is auto), then validation AUC / logloss / GAUC; early stopping
-on validation AUC after `train.patience` epochs without gain. `TrainState` is what resuming needs
-besides weights and optimizer state.
+Each epoch: train on shuffled sample rows (the step of `train.step.TrainStep`: AdamW, backbone lr
+`train.lr`, head lr `train.head_lr`, bf16 autocast on GPU when precision is auto, compiled or captured
+as `train.*` says), then validation AUC / logloss / GAUC, eager; early stopping on validation AUC
+after `train.patience` epochs without gain. `TrainState` is what resuming needs besides weights and
+optimizer state.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from typing import Any
 
@@ -24,13 +25,13 @@ from torch import Tensor, nn
 
 from bahe_ray.checkpoint import unwrap
 from bahe_ray.config import Config, TrainConfig
-from bahe_ray.features import ModelKind, SampleArrays
+from bahe_ray.features import ModelBatch, ModelKind, SampleArrays
 from bahe_ray.runtime import peak_memory_mb, reset_peak_memory, to_device
 from bahe_ray.train.evaluation import score
-from bahe_ray.train.inputs import BatchInputs, batch_inputs
+from bahe_ray.train.inputs import BatchInputs, batch_inputs, training_inputs
 from bahe_ray.train.metrics import Scored
 from bahe_ray.train.sources import BatchSource, Stopwatch, prefetched
-from bahe_ray.train.step import autocast_dtype, initial_model, make_optimizer, train_device, train_step
+from bahe_ray.train.step import TrainStep, autocast_dtype, initial_model, make_optimizer, train_device
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,16 @@ def _single(obj: Any) -> list[Any]:
     return [obj]
 
 
+def full_batches(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """The tables of `size` rows; a smaller one (an epoch's last) is dropped and logged: a captured step
+    (`train.cuda_graph`) replays one shape."""
+    for table in tables:
+        if table.num_rows == size:
+            yield table
+        else:
+            log.info("dropped a partial batch of %d rows (train.cuda_graph: one batch shape)", table.num_rows)
+
+
 def run_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -113,17 +124,20 @@ def run_epochs(
     `gather(obj)` returns every rank's obj (one process: [obj]); it merges validation scores and
     training counts, so every rank computes the same metrics and stops at the same epoch.
     The dropout seed of epoch e is `seed + e`, so a resumed epoch draws what it would have.
+    BAHE's vectors move to the device here when they fit `train.device_table_gb`.
     """
     tc = cfg.train
     raw = unwrap(model)
-    params = [p for p in raw.parameters() if p.requires_grad]
     dtype = autocast_dtype(tc.precision, device)
     per_rank = None if tc.max_train_samples is None else math.ceil(tc.max_train_samples / world_size)
     max_batches = None if per_rank is None else math.ceil(per_rank / tc.batch_size)
+    train_inputs = training_inputs(inputs, tc, device)
+    val_inputs = replace(train_inputs, fixed_shape=False)
+    step = TrainStep(model, optimizer, tc, device, train_inputs.table)
 
-    def assemble(table: pa.Table) -> tuple[SampleArrays, dict[str, Tensor], Tensor]:
-        arrays = inputs.arrays(table)
-        return arrays, inputs.batch(arrays, device), to_device(arrays.labels, device)
+    def assemble(table: pa.Table) -> tuple[SampleArrays, ModelBatch, Tensor]:
+        arrays = train_inputs.arrays(table)
+        return arrays, train_inputs.batch(arrays, device), to_device(arrays.labels, device)
 
     for epoch in range(state.epoch + 1, tc.max_epochs + 1):
         torch.manual_seed(tc.seed + epoch)
@@ -131,16 +145,19 @@ def run_epochs(
         model.train()
         start, cpu_start = time.perf_counter(), time.process_time()
         loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0  # on the device: no sync per step
-        batches = (assemble(table) for table in islice(train.batches(epoch), max_batches))
+        tables = islice(train.batches(epoch), max_batches)
+        if train_inputs.fixed_shape:
+            tables = full_batches(tables, tc.batch_size)
+        batches = (assemble(table) for table in tables)
         with closing(prefetched(batches, tc.prefetch_batches)) as ready:
             waited = Stopwatch()
             for arrays, batch, labels in waited.iterate(ready):
-                loss_sum += train_step(model, optimizer, batch, labels, params, tc.grad_clip, dtype) * len(arrays)
+                loss_sum += step(batch, labels) * len(arrays)
                 seen += len(arrays)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        scored = score(raw, inputs, val, device, dtype)
+        scored = score(raw, val_inputs, val, device, dtype)
         epoch_seconds = time.perf_counter() - start
         ranks = gather((scored, loss_sum.item(), seen, train_seconds, epoch_seconds, peak_memory_mb(device), train_cpu,
                         waited.seconds))

@@ -13,8 +13,9 @@ import torch
 from transformers import Qwen2Config
 
 from bahe_ray import bench
+from bahe_ray.bench.train import optimizer_label
 from bahe_ray.cli import main as cli_main
-from bahe_ray.config import Config, with_overrides
+from bahe_ray.config import Config, TrainConfig, with_overrides
 from bahe_ray.models.registry import load_backbone
 
 TINY = Qwen2Config(
@@ -44,17 +45,17 @@ def test_search_stops_at_the_cap_and_reports_nothing_when_nothing_fits() -> None
     assert len(none) == 1 and bench.best_trial(none) is None
 
 
-def test_measure_turns_out_of_memory_into_a_misfit(tmp_path: Path) -> None:
+def test_measure_turns_out_of_memory_into_a_misfit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = bench.random_store(tmp_path / "store", TINY.hidden_size, 200)
-    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", store, "host")
-    real_step = side.step
+    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", TrainConfig(), store)
+    forward = side.model.forward
 
-    def step(inputs: dict[str, torch.Tensor]) -> None:
-        if inputs["labels"].shape[0] > 4:  # a fake memory budget: larger batches "run out"
+    def fake_budget(tensors: dict[str, torch.Tensor], padded: bool | None = None) -> torch.Tensor:
+        if tensors["hist_mask"].shape[0] > 4:  # larger batches "run out of memory"
             raise torch.cuda.OutOfMemoryError("simulated")
-        real_step(inputs)
+        return forward(tensors, padded)
 
-    side.step = step  # type: ignore[method-assign]
+    monkeypatch.setattr(side.model, "forward", fake_budget)
     oom = side.measure(8, 3, warmup=0, steps=1)
     assert oom["oom"] and not oom["fits"]
     trials = bench.search_batch(lambda b: side.measure(b, 3, warmup=0, steps=1), 1, 64, resolution=8)
@@ -97,53 +98,51 @@ def test_bench_train_writes_json_and_png(tmp_path: Path) -> None:
     assert loaded["sides"]["bahe"]["equal"][1]["tokens"] == 5
 
 
-def test_compile_options_reach_the_layers_and_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--compile --compile-backend cudagraphs: every layer compiled, each step marked as a new one
-    for the CUDA graphs (on CPU the graphs are skipped and the compiled layers run as they are)."""
+def test_step_options_reach_the_model_the_optimizer_and_the_lookup(tmp_path: Path) -> None:
+    """The benchmark's TrainConfig is the product step's: layers compiled, weights dtype, AdamW, device table."""
     store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
-    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", store, "host", compile=True, compile_backend="cudagraphs")
-    assert side.layer_graphs and all(layer._compiled_call_impl is not None for layer in side.model.backbone.layers)
-    marks: list[int] = []
-    original = torch.compiler.cudagraph_mark_step_begin
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or original())
-    row = side.measure(2, 3, warmup=1, steps=2)
-    assert not row["oom"] and row["step_ms"] > 0 and len(marks) == 3
+    train = TrainConfig(compile=True, weights_dtype="bfloat16", optimizer="for-loop", device_table_gb=1.0)
+    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", train, store)
+    assert all(layer._compiled_call_impl is not None for layer in side.model.backbone.layers)
+    assert side.model.backbone.dtype == torch.bfloat16 and side.model.head.mlp[0].weight.dtype == torch.float32
+    assert side.optimizer.defaults["foreach"] is False and optimizer_label(side) == "AdamW for-loop"
+    assert side.inputs.table is not None and side.inputs.table.vectors.dtype == torch.bfloat16
+    batch, labels = side.batch(2, 3, seed=0)
+    assert set(batch.tensors) == {"hist_rows", "hist_mask", "item_rows"} and not batch.padded and labels.shape == (2,)
+    assert side.batch_ms(2, 3) > 0
+    token = bench.TrainSide("token", TINY, 1, 1, 4, "cpu", TrainConfig())
+    assert optimizer_label(token) == "AdamW for-loop" and token.batch_ms(2, 3) is None
 
 
-def test_whole_step_cuda_graph_is_refused_without_cuda_and_inside_compiled_graphs(tmp_path: Path) -> None:
+def test_whole_step_cuda_graph_is_refused_without_cuda(tmp_path: Path) -> None:
     store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
-    with pytest.raises(ValueError, match="cuda_graph: .* needs a CUDA device"):
-        bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", store, "host", cuda_graph=True)
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="cuda_graph: the step is captured whole"):
-            bench.TrainSide("bahe", TINY, 1, 1, 4, "cuda", store, compile=True, compile_mode="reduce-overhead",
-                            cuda_graph=True)
+    with pytest.raises(ValueError, match=r"train.cuda_graph: the whole-step CUDA graph needs a CUDA device, not 'cpu'"):
+        bench.TrainSide("bahe", TINY, 1, 1, 4, "cpu", TrainConfig(use_gpu=True, cuda_graph=True), store)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("side", ["bahe", "token"])
 def test_graphed_step_trains_as_the_eager_step(side: str, tmp_path: Path) -> None:
-    """Replays of the captured step (embedding lookup, both passes, backward, AdamW) update the
-    weights as eager steps on the same inputs do; measure() reports the graphed step."""
+    """The captured step (device-table lookup, both passes, backward, clipping, AdamW) updates the weights
+    as eager steps on the same inputs do, through its warm-up, capture and replays; measure() reports it."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
     sides = []
     for graph in (False, True):
         torch.manual_seed(0)
-        ts = bench.TrainSide(side, TINY, 1, 1, 4, "cuda", store, cuda_graph=graph)
-        ts.model.float().eval()  # fp32 and no dropout: the two runs can be compared closely
+        train = TrainConfig(use_gpu=True, cuda_graph=graph, precision="float32", device_table_gb=1.0)
+        ts = bench.TrainSide(side, TINY, 1, 1, 4, "cuda", train, store)
+        ts.model.eval()  # fp32 and no dropout: the two runs can be compared closely
         sides.append(ts)
     eager, graphed = sides
-    sets = [eager.inputs(2, 3, seed) for seed in range(2)]
-    for _ in range(2):  # GraphedStep's warm-up steps
-        eager.step(sets[0])
-    step = bench.GraphedStep(graphed.step, sets[0], warmup=2)
+    sets = [eager.batch(2, 3, seed) for seed in range(2)]
     before = [p.detach().clone() for p in graphed.model.parameters()]
-    for i in range(3):
-        eager.step(sets[i % 2])
-        step(sets[i % 2])
+    for i in range(graphed.step.capture_calls + 3):
+        eager.step(*sets[i % 2])
+        graphed.step(*sets[i % 2])
     torch.cuda.synchronize()
+    assert all(shape.graph is not None for shape in graphed.step.shapes.values())
     moved = max((p - b).abs().max().item() for p, b in zip(graphed.model.parameters(), before, strict=True))
     assert moved > 1e-5  # the replays trained
     for a, b in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
@@ -159,7 +158,7 @@ def test_graphs_of_new_shapes_leave_no_memory_behind(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     store = bench.random_store(tmp_path / "store", TINY.hidden_size, 100)
-    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cuda", store, cuda_graph=True)
+    side = bench.TrainSide("bahe", TINY, 1, 1, 4, "cuda", TrainConfig(use_gpu=True, cuda_graph=True), store)
     held = []
     for n in (3, 5, 7, 9):
         assert not side.measure(2, n, warmup=1, steps=1)["oom"]
@@ -194,7 +193,7 @@ def test_cli_bench_train_and_encode(tmp_path: Path, capsys: pytest.CaptureFixtur
         cli_main(["bench", "encode", "--backend", "vllm", "--model", "minilm-shape", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as refused:  # argparse's usage error, before any model is built
         cli_main(["bench", "train", *args, "--cuda-graph"])
-    assert refused.value.code == 2 and "--cuda-graph: the whole-step CUDA graph needs a CUDA device" in capsys.readouterr().err
+    assert refused.value.code == 2 and "train.cuda_graph: the whole-step CUDA graph needs a GPU" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -8,13 +8,15 @@ import json
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from bahe_ray.bench.encode import bench_encode
 from bahe_ray.bench.harness import write_result
 from bahe_ray.bench.loop import bench_loop
 from bahe_ray.bench.pipeline import bench_pipeline
 from bahe_ray.bench.serve import bench_serve
 from bahe_ray.bench.train import bench_train, format_train, plot_train
-from bahe_ray.config import MINILM, Config
+from bahe_ray.config import MINILM, Config, TrainConfig
 from bahe_ray.models.registry import PRESETS
 from bahe_ray.runtime import resolve_device
 
@@ -43,17 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-batch", type=int, default=4096)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--steps", type=int, default=10)
+    # The step's options: the profile's train.* (--config/--set before `train`), or these flags.
     t.add_argument("--lookup", choices=["device", "host"], default=None,
-                   help="BAHE's embedding lookup: store table on the device, or host store + copy "
-                        "(default: device on GPU, host on CPU)")
+                   help="BAHE's embedding lookup: the store's table on the device (train.device_table_gb = "
+                        "--budget-gb), or host store + copy (0) (default: device on GPU, host on CPU)")
     t.add_argument("--atoms", type=int, default=100_000, help="atoms in the benchmark's embedding store")
-    t.add_argument("--compile", action="store_true", help="torch.compile every transformer layer (both sides)")
-    t.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default=None,
-                   help="torch.compile mode with --compile; reduce-overhead replays each layer as a CUDA graph")
-    t.add_argument("--compile-backend", choices=["inductor", "cudagraphs"], default="inductor",
-                   help="torch.compile backend with --compile; cudagraphs replays the eager kernels as CUDA graphs")
+    t.add_argument("--optimizer", choices=["auto", "fused", "foreach", "for-loop"], default=None,
+                   help="train.optimizer (default: the profile's)")
+    t.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="train.precision, the autocast dtype (default: the profile's)")
+    t.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="train.weights_dtype (default: the profile's)")
+    t.add_argument("--compile", action="store_true", help="train.compile: torch.compile every transformer layer")
+    t.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default=None,
+                   help="train.compile_mode with --compile")
     t.add_argument("--cuda-graph", action="store_true",
-                   help="capture each side's whole training step as one CUDA graph and replay it (GPU)")
+                   help="train.cuda_graph: capture each side's whole training step as one CUDA graph (GPU)")
     t.add_argument("--sides", nargs="+", choices=["bahe", "token"], default=["bahe", "token"])
     common(t)
 
@@ -104,19 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_train(args: argparse.Namespace) -> list[Path]:
+def train_options(cfg: Config, args: argparse.Namespace, device: str) -> TrainConfig:
+    """The step's options: the profile's train.* with the flags given on top (pydantic checks them)."""
+    flags = {"optimizer": args.optimizer, "precision": args.precision, "weights_dtype": args.weights_dtype,
+             "compile_mode": args.compile_mode}
+    lookup = args.lookup or ("device" if device.startswith("cuda") else "host")
+    options = cfg.train.model_dump() | {key: value for key, value in flags.items() if value is not None} | {
+        "use_gpu": device.startswith("cuda"), "num_workers": 1,
+        "compile": args.compile or cfg.train.compile, "cuda_graph": args.cuda_graph or cfg.train.cuda_graph,
+        "device_table_gb": args.budget_gb if lookup == "device" else 0.0,
+    }
+    return TrainConfig.model_validate(options)
+
+
+def run_train(args: argparse.Namespace, train: TrainConfig) -> list[Path]:
     device = resolve_device(args.device)
     best_n = args.best_n if args.best_n is not None else (args.n if device.startswith("cuda") else [])
     written = []
     for model in args.model or ["qwen2.5-0.5b"]:
-        variant = ("-compiled" if args.compile else "") + ("-graph" if args.cuda_graph else "")
+        variant = ("-compiled" if train.compile else "") + ("-graph" if train.cuda_graph else "")
         name = args.name or f"train-{Path(model).name}-{device.split(':')[0]}{variant}"
         result = bench_train(
             model, k=args.k, tokens=args.tokens, fields=args.fields, ns=args.n, equal_batch=args.batch,
             best_ns=best_n, budget_gb=args.budget_gb, max_batch=args.max_batch, warmup=args.warmup,
-            steps=args.steps, lookup=args.lookup, atoms=args.atoms, compile=args.compile, compile_mode=args.compile_mode,
-            compile_backend=args.compile_backend, cuda_graph=args.cuda_graph,
-            sides=tuple(args.sides), device=device, progress=lambda partial: write_result(partial, args.out, name),
+            steps=args.steps, train=train, atoms=args.atoms, sides=tuple(args.sides), device=device,
+            progress=lambda partial: write_result(partial, args.out, name),
         )
         written.append(write_result(result, args.out, name, plot_train))
         print(format_train(result))
@@ -166,9 +185,11 @@ def main(cfg: Config, argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.what == "train":
-        if args.cuda_graph and not resolve_device(args.device).startswith("cuda"):
-            parser.error("--cuda-graph: the whole-step CUDA graph needs a CUDA device")
-        run_train(args)
+        try:
+            train = train_options(cfg, args, resolve_device(args.device))
+        except ValidationError as error:  # e.g. --cuda-graph on CPU: a usage error, before any model is built
+            parser.error("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors()))
+        run_train(args, train)
     else:
         {"encode": run_encode, "serve": run_serve, "loop": run_loop, "pipeline": run_pipeline}[args.what](cfg, args)
     return 0

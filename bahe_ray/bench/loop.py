@@ -1,5 +1,5 @@
 """`bench loop`: BAHE's training loop end to end (`train_local`, `train_ray`) against the model alone
-(`train_step` on one batch already on the device), with the same model, optimizer and precision.
+(`train.TrainStep` on one batch already on the device), with the same model and step options (`train.*`).
 
 The ratio of the two says what the loop around the step (sample reads, prefetch, store lookup, Ray
 Data and Ray Train) costs.
@@ -21,20 +21,19 @@ from bahe_ray.runtime import environment, init_ray, to_device
 
 
 def model_level(cfg: Config, device: str, warmup: int, steps: int) -> Result:
-    """`train_step` on the first cfg.train.batch_size training samples, already on the device."""
+    """The loop's step (`TrainStep`, device table and batch shape as the loop has them) on the first
+    cfg.train.batch_size training samples, already on the device; a captured step's own warm-up first."""
     from bahe_ray.samples import read_split_table
-    from bahe_ray.train import autocast_dtype, batch_inputs, initial_model, make_optimizer, train_step
+    from bahe_ray.train import TrainStep, batch_inputs, initial_model, make_optimizer, training_inputs
 
     tc = cfg.train
     net = initial_model("bahe", cfg).to(device)
     optimizer = make_optimizer(net, tc)
-    inputs = batch_inputs("bahe", cfg, net)
+    inputs = training_inputs(batch_inputs("bahe", cfg, net), tc, device)
     arrays = inputs.arrays(read_split_table(cfg.samples.path, "train", cfg.storage).slice(0, tc.batch_size))
     ready, labels = inputs.batch(arrays, device), to_device(arrays.labels, device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    dtype = autocast_dtype(tc.precision, device)
-    times = time_calls(lambda i: train_step(net, optimizer, ready, labels, params, tc.grad_clip, dtype), device,
-                       warmup, steps)
+    step = TrainStep(net, optimizer, tc, device, inputs.table)
+    times = time_calls(lambda i: step(ready, labels), device, step.capture_calls + warmup, steps)
     step_ms = statistics.median(times)
     return {"step_ms": round(step_ms, 3), "samples_per_s": round(tc.batch_size / step_ms * 1e3, 1),
             "step_ms_runs": [round(t, 3) for t in times]}
@@ -46,7 +45,7 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
 
     A synthetic log (`data.synthetic`, one behaviour field per `data.synthetic.fields`) is encoded
     by a random-weight checkpoint of `model` (`run_encode_local`) and turned into samples (Ray
-    Data). Then: `model`: `train.train_step` on one batch already on the device; `local`:
+    Data). Then: `model`: `train.TrainStep` on one batch already on the device; `local`:
     `train_local` (sample table, prefetched batches, store lookup, step); `ray`: `train_ray` with
     one worker (Ray Data shard, Ray Train). End-to-end figures are the last epoch's (the first
     carries the warm-up); the ratio is end-to-end over model-level samples/s.
@@ -88,7 +87,9 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
 
     result: Result = {
         "bench": "loop", "env": environment(device), "model": model_label(model), "k": k, "n": n, "batch": batch,
-        "fields": list(cfg.samples.fields), "precision": tc.precision, "unique_atoms": encoded.unique_atoms,
+        "fields": list(cfg.samples.fields), "unique_atoms": encoded.unique_atoms,
+        "step": tc.model_dump(include={"precision", "weights_dtype", "optimizer", "compile", "compile_mode",
+                                       "cuda_graph", "device_table_gb", "grad_clip"}),
         "samples": samples.counts, "model_level": model_row, "local": end_to_end(train_local, "local"),
     }
     if use_ray:

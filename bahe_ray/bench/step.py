@@ -1,45 +1,45 @@
-"""The training benchmark's own step: BaheCTR or TokenCTR with AdamW on random inputs, eager, compiled
-or captured whole as one CUDA graph, with BAHE's embedding lookup from a real store inside the step.
+"""One side of the training benchmark: BaheCTR or TokenCTR of a random-weight shape, trained by the
+product's step (`bahe_ray.train.TrainStep`) with the options of a `TrainConfig`, on random inputs.
 
-It stays here, apart from `bahe_ray.train`'s step, until the product's step is the benchmarked one.
-Inputs have no padding, so sdpa gets no mask and picks flash kernels on both sides (the models are
-told so: no step waits for the GPU to check the masks); BAHE's length-1 item pass needs no attention
-kernel (`models.backbone.sdpa_or_single`). Peak memory: `max_memory_allocated` /
-`max_memory_reserved` on GPU; on CPU the peak resident set during the timed steps above the
-resident set before the model was built.
+Model, optimizer, device table and batches come from the public training API (`cast_weights`,
+`make_optimizer`, `training_inputs`, `BatchInputs.batch`), so the benchmark times what `bahe train`
+runs. BAHE's inputs are random atom ids of a real store, looked up as training looks them up (rows
+of the device table, gathered inside the step, or the host path's vectors, looked up before it);
+the token side's are random token ids. Inputs have no padding, so sdpa gets no mask and picks flash
+kernels on both sides (the batches say so: no step waits for the GPU to check the masks); BAHE's
+length-1 item pass needs no attention kernel (`models.backbone.sdpa_or_single`). Peak memory:
+`max_memory_allocated` / `max_memory_reserved` on GPU; on CPU the peak resident set during the
+timed steps above the resident set before the model was built.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
-from collections.abc import Callable
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import PretrainedConfig
 
 from bahe_ray.bench.harness import Result, attention_width, forward_flops, free_memory, layer_parameters, time_calls
-from bahe_ray.config import ModelConfig
+from bahe_ray.config import ModelConfig, TrainConfig
+from bahe_ray.features import ModelBatch, SampleArrays
 from bahe_ray.models.ctr import BaheCTR, TokenCTR
 from bahe_ray.models.registry import load_backbone
-from bahe_ray.runtime import GB, PeakRSS, default_dtype
+from bahe_ray.runtime import GB, PeakRSS
+from bahe_ray.store import EmbeddingStore
+from bahe_ray.train import BatchInputs, TrainStep, cast_weights, make_optimizer, training_inputs
 
 Side = Literal["bahe", "token"]
-Lookup = Literal["device", "host"]
-
-# ---- the embedding store on the training path -------------------------------------------------
 
 
-def random_store(path: str | Path, dim: int, n_atoms: int, seed: int = 0) -> Any:
+def random_store(path: str | Path, dim: int, n_atoms: int, seed: int = 0) -> EmbeddingStore:
     """A real EmbeddingStore at `path` holding `n_atoms` random vectors under random ids."""
     from bahe_ray.encoders.base import EncoderFingerprint
-    from bahe_ray.store import EmbeddingStore
 
     fingerprint = EncoderFingerprint(
         model_name="bench-random", weights_sha256="0" * 64, k=0, pooling="mean", dtype="float32", max_tokens=0
@@ -53,94 +53,27 @@ def random_store(path: str | Path, dim: int, n_atoms: int, seed: int = 0) -> Any
     return store
 
 
-class DeviceTable:
-    """A store's committed vectors resident on one device, gathered by atom id (sorted-id search)."""
-
-    def __init__(self, store: Any, device: str, dtype: torch.dtype) -> None:
-        ids = store.ids()
-        self.ids = torch.from_numpy(ids).to(device)
-        self.vectors = torch.from_numpy(store.lookup(ids)).to(device, dtype)
-
-    def lookup(self, ids: Tensor) -> Tensor:
-        """Vectors of `ids` (any shape, all present) -> ids.shape + (dim,)."""
-        return self.vectors[torch.searchsorted(self.ids, ids)]
-
-
-def host_lookup(store: Any, ids: Tensor, device: str) -> Tensor:
-    """The host path: EmbeddingStore.lookup on the CPU, then one copy to the device."""
-    return torch.from_numpy(store.lookup(ids.numpy())).to(device)
-
-
-# ---- one side of the training benchmark ------------------------------------------------------
-
-
-@functools.cache
-def capture_stream(device: int) -> torch.cuda.Stream:
-    """The side stream of every GraphedStep's warm-up and capture on a device. cuBLAS keeps a
-    workspace per stream for the life of the process: a new stream per graph kept 68 MB each (H200)."""
-    return torch.cuda.Stream(device)
-
-
-class GraphedStep:
-    """A training step of fixed shapes captured once as one CUDA graph, then replayed.
-
-    A replay is a single launch, so the step's Python, autograd and per-kernel launch costs are
-    gone: what small batches are bound by. The step must not read device values on the host, and
-    its optimizer must be capturable. `warmup` eager steps run first on a side stream (lazy state
-    such as the optimizer's moments must exist before capture); each call copies its inputs into
-    the graph's buffers. What the step allocates stays in the graph's private pool while it lives.
-    """
-
-    def __init__(self, step: Callable[[dict[str, Tensor]], None], inputs: dict[str, Tensor], warmup: int = 3) -> None:
-        self.inputs = {key: value.clone() for key, value in inputs.items()}
-        side = capture_stream(torch.cuda.current_device())
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                step(self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.empty_cache()  # the warm-up's cached blocks: reserved memory is then the graph's own
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):
-            step(self.inputs)
-
-    def __call__(self, inputs: dict[str, Tensor]) -> None:
-        for key, value in inputs.items():
-            self.inputs[key].copy_(value, non_blocking=True)
-        self.graph.replay()
-
-
 class TrainSide:
-    """BaheCTR or TokenCTR with fused (GPU) AdamW, timed at any N behaviours and batch size."""
+    """BaheCTR or TokenCTR and the product's training step with `train`'s options, timed at any N and batch."""
 
-    def __init__(
-        self, side: Side, model: str | PretrainedConfig, k: int, n_fields: int, tokens: int, device: str,
-        store: Any = None, lookup: Lookup = "device", compile: bool = False, compile_mode: str | None = None,
-        compile_backend: str = "inductor", cuda_graph: bool = False,
-    ) -> None:
-        if cuda_graph and not device.startswith("cuda"):
-            raise ValueError(f"cuda_graph: the whole-step CUDA graph needs a CUDA device, not {device!r}")
+    def __init__(self, side: Side, model: str | PretrainedConfig, k: int, n_fields: int, tokens: int, device: str,
+                 train: TrainConfig, store: EmbeddingStore | None = None) -> None:
         self.side, self.k, self.n_fields, self.tokens, self.device = side, k, n_fields, tokens, device
         self.rss_at_build = PeakRSS.current()
-        dtype = default_dtype(device)
-        backbone = load_backbone(model, dtype, device)
+        backbone = load_backbone(model, torch.float32, device)
         self.config = backbone.config
         cfg = ModelConfig()
-        self.model: BaheCTR | TokenCTR = (
-            BaheCTR(backbone, k, n_fields, cfg) if side == "bahe" else TokenCTR(backbone, n_fields, cfg)
-        ).to(device)
+        net = BaheCTR(backbone, k, n_fields, cfg) if side == "bahe" else TokenCTR(backbone, n_fields, cfg)
+        self.model: BaheCTR | TokenCTR = cast_weights(net, train.weights_dtype).to(device)
         self.model.train()
-        self.layer_graphs = compile and (compile_mode == "reduce-overhead" or compile_backend == "cudagraphs")
-        if cuda_graph and self.layer_graphs:
-            raise ValueError("cuda_graph: the step is captured whole; compile without CUDA graphs of its own")
-        self.cuda_graph = cuda_graph
-        if compile:
-            self.model.backbone.compile_layers(compile_mode, compile_backend)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"), capturable=cuda_graph)
-        self.store, self.lookup = store, lookup
-        self.table = DeviceTable(store, device, dtype) if side == "bahe" and lookup == "device" else None
-        self.atom_ids = torch.from_numpy(store.ids()) if side == "bahe" else None
+        self.optimizer = make_optimizer(self.model, train)
+        self.inputs: BatchInputs | None = None
+        if side == "bahe":
+            if store is None:
+                raise ValueError("the BAHE side needs an embedding store")
+            self.inputs = training_inputs(BatchInputs("bahe", [f"f{i}" for i in range(n_fields)], 0, store.dim,
+                                                      store=store), train, device)
+        self.step = TrainStep(self.model, self.optimizer, train, device, self.inputs.table if self.inputs else None)
         self.layer_params = layer_parameters(self.model.backbone)
         self.n_layers = len(self.model.backbone.layers)
         self.vocab = self.config.vocab_size
@@ -158,67 +91,67 @@ class TrainSide:
         fwd += forward_flops(self.layer_params, self.n_layers, width, self.item_tokens(), 1)
         return 3.0 * fwd
 
-    def inputs(self, batch: int, n: int, seed: int) -> dict[str, Tensor]:
-        """Random atom ids (BAHE: looked up inside the step) or token ids, no padding."""
+    def arrays(self, batch: int, n: int, seed: int) -> SampleArrays:
+        """BAHE's sample ids: random atoms of the store, every history full (no padding)."""
+        assert self.inputs is not None and self.inputs.store is not None
+        rng = np.random.default_rng(seed)
+        ids = rng.choice(self.inputs.store.ids(), size=(batch, self.n_fields, n + 1))
+        return SampleArrays(hist_ids=ids[..., :n], hist_mask=np.ones((batch, self.n_fields, n), bool),
+                            item_ids=ids[:, 0, n], labels=rng.integers(0, 2, batch).astype(np.float32),
+                            user_ids=[str(i) for i in range(batch)])
+
+    def batch(self, batch: int, n: int, seed: int) -> tuple[ModelBatch, Tensor]:
+        """One batch on the device and its labels: BAHE's built as training builds them, the token side's
+        random token ids."""
+        if self.inputs is not None:
+            arrays = self.arrays(batch, n, seed)
+            return self.inputs.batch(arrays, self.device), torch.from_numpy(arrays.labels).to(self.device)
         g = torch.Generator().manual_seed(seed)
-        labels = torch.randint(0, 2, (batch,), generator=g).float().to(self.device)
-        if self.side == "bahe":
-            assert self.atom_ids is not None
-            pick = torch.randint(0, len(self.atom_ids), (batch, self.n_fields, n + 1), generator=g)
-            ids = self.atom_ids[pick]
-            ids = ids.to(self.device) if self.lookup == "device" else ids
-            # contiguous slices: searchsorted would copy (and warn) inside every step
-            return {"hist_ids": ids[..., :n].contiguous(), "item_ids": ids[:, 0, n].contiguous(), "labels": labels}
         t = self.sequence_tokens(n)
-        hist = torch.randint(0, self.vocab, (batch, self.n_fields, t), generator=g)
-        item = torch.randint(0, self.vocab, (batch, self.tokens), generator=g)
-        return {
-            "hist_input_ids": hist.to(self.device),
-            "hist_attention_mask": torch.ones(batch, self.n_fields, t, dtype=torch.bool, device=self.device),
-            "item_input_ids": item.to(self.device),
-            "item_attention_mask": torch.ones(batch, self.tokens, dtype=torch.bool, device=self.device),
-            "labels": labels,
+        tensors = {
+            "hist_input_ids": torch.randint(0, self.vocab, (batch, self.n_fields, t), generator=g),
+            "hist_attention_mask": torch.ones(batch, self.n_fields, t, dtype=torch.bool),
+            "item_input_ids": torch.randint(0, self.vocab, (batch, self.tokens), generator=g),
+            "item_attention_mask": torch.ones(batch, self.tokens, dtype=torch.bool),
         }
+        labels = torch.randint(0, 2, (batch,), generator=g).float()
+        return ModelBatch({key: value.to(self.device) for key, value in tensors.items()}, False), labels.to(self.device)
 
-    def batch(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The model's batch; for BAHE the embedding lookup (on the device, or host store + copy)."""
-        if self.side == "token":
-            return inputs
-        hist_ids, item_ids = inputs["hist_ids"], inputs["item_ids"]
-        if self.table is not None:
-            hist, item = self.table.lookup(hist_ids), self.table.lookup(item_ids)
-        else:
-            hist, item = host_lookup(self.store, hist_ids, self.device), host_lookup(self.store, item_ids, self.device)
-        mask = torch.ones(hist.shape[:-1], dtype=torch.bool, device=self.device)
-        return {"hist": hist, "hist_mask": mask, "item": item}
-
-    def step(self, inputs: dict[str, Tensor]) -> None:
-        if self.layer_graphs:  # a new step: the graphs may reuse the previous step's memory
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = self.model(self.batch(inputs), padded=False)  # see inputs(): no padding
-        loss = F.binary_cross_entropy_with_logits(logits, inputs["labels"])
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def batch_ms(self, batch: int, n: int, repeats: int = 3) -> float | None:
+        """BAHE: median ms to build one batch from sample ids on the host and put it on the device (the loop
+        overlaps this with the step); with the device table, rows instead of vectors. None for the token side."""
+        if self.inputs is None:
+            return None
+        arrays = self.arrays(batch, n, 0)
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            self.inputs.batch(arrays, self.device)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
+            times.append((time.perf_counter() - start) * 1e3)
+        return round(statistics.median(times[1:]), 3)
 
     def measure(self, batch: int, n: int, warmup: int, steps: int, budget_gb: float = math.inf) -> Result:
-        """Median step time, samples/s, achieved TFLOP/s and peak memory; {"oom": True} when it does not fit."""
+        """Median step time, samples/s, achieved TFLOP/s and peak memory; {"oom": True} when it does not fit.
+        A captured step's own warm-up and capture come before the `warmup` calls."""
         row: Result = {"batch": batch, "n": n, "tokens": self.sequence_tokens(n)}
-        sets = [self.inputs(batch, n, seed) for seed in range(2)]
+        sets = [self.batch(batch, n, seed) for seed in range(2)]
         free_memory(self.device)
-        cuda = self.device.startswith("cuda")
+        warmup += self.step.capture_calls
         try:
-            if cuda:
+            if self.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(self.device)  # the peak includes the graph's capture
-                step = GraphedStep(self.step, sets[0], warmup) if self.cuda_graph else self.step
-                times = time_calls(lambda i: step(sets[i % 2]), self.device, warmup, steps)
+                times = time_calls(lambda i: self.step(*sets[i % 2]), self.device, warmup, steps)
                 peak, reserved = torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
             else:
                 with PeakRSS() as rss:
-                    times = time_calls(lambda i: self.step(sets[i % 2]), self.device, warmup, steps)
+                    times = time_calls(lambda i: self.step(*sets[i % 2]), self.device, warmup, steps)
                 peak = reserved = rss.peak - self.rss_at_build
         except torch.cuda.OutOfMemoryError:
             times = []
+        finally:
+            self.step.release_graphs()  # each shape measured once: its graph's memory goes back
         if not times:
             self.optimizer.zero_grad(set_to_none=True)
             free_memory(self.device)
@@ -233,4 +166,5 @@ class TrainSide:
             "tflops": round(self.flops_per_sample(n) * batch / ms * 1e3 / 1e12, 2),
             "peak_gb": round(peak / GB, 3),
             "reserved_gb": round(reserved / GB, 3),
+            "batch_ms": self.batch_ms(batch, n),
         }

@@ -1,41 +1,35 @@
 """`bench train`: training-step time (forward + backward + AdamW step), samples/s and peak memory of
 BaheCTR and TokenCTR over N behaviours of T tokens in F fields.
 
-Both sides run at one batch size, then each at its best batch within a memory budget. BAHE's
-step includes the embedding lookup (atom ids -> stored vectors) from a real store (`bench.step`).
+Both sides run the product's step (`train.TrainStep`) with the same options (a `TrainConfig`: optimizer,
+precision, weights dtype, compile, whole-step CUDA graph, BAHE's device table), at one batch size, then
+each at its best batch within a memory budget. BAHE's batches carry ids of a real store, looked up as
+training looks them up (`bench.step`); `batch_ms` is the host's time to build one.
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
 from transformers import PretrainedConfig
 
 from bahe_ray.bench.harness import Result, best_trial, free_memory, search_batch
-from bahe_ray.bench.step import Lookup, Side, TrainSide, host_lookup, random_store
+from bahe_ray.bench.step import Side, TrainSide, random_store
+from bahe_ray.config import TrainConfig
 from bahe_ray.models.registry import model_config, model_label, weights_kind
-from bahe_ray.runtime import default_dtype, environment, resolve_device, setup_device
+from bahe_ray.runtime import environment, resolve_device, setup_device
 
 
-def host_lookup_ms(store: Any, batch: int, n_fields: int, n: int, device: str, repeats: int = 3) -> float:
-    """Median ms of the host path for one batch: EmbeddingStore.lookup of B*F*N+B ids, copy to the device."""
-    ids = torch.from_numpy(np.random.default_rng(0).choice(store.ids(), size=(batch, n_fields * n + 1)))
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        host_lookup(store, ids, device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(times[1:]), 3)
+def optimizer_label(side: TrainSide) -> str:
+    """"AdamW fused", "AdamW foreach" or "AdamW for-loop", "capturable" added. PyTorch's own choice (neither
+    asked for) is foreach for CUDA parameters and a for-loop for CPU ones."""
+    defaults, on_cuda = side.optimizer.defaults, next(side.model.parameters()).is_cuda
+    foreach = defaults["foreach"] or (defaults["foreach"] is None and on_cuda)
+    kind = "fused" if defaults["fused"] else "foreach" if foreach else "for-loop"
+    return f"AdamW {kind}" + (" capturable" if defaults["capturable"] else "")
 
 
 def bench_train(
@@ -51,22 +45,19 @@ def bench_train(
     max_batch: int = 4096,
     warmup: int = 3,
     steps: int = 10,
-    lookup: Lookup | None = None,
+    train: TrainConfig | None = None,
     atoms: int = 100_000,
-    compile: bool = False,
-    compile_mode: str | None = None,
-    compile_backend: str = "inductor",
-    cuda_graph: bool = False,
     sides: tuple[Side, ...] = ("bahe", "token"),
     device: str = "auto",
     progress: Callable[[Result], None] | None = None,
 ) -> Result:
     """Both sides at `equal_batch` for every N in `ns`, then each at its best batch within `budget_gb`
-    for every N in `best_ns` (search trials use the same warm-up and step counts). `progress`
-    gets the partial result after every measurement (a killed run keeps what it measured)."""
+    for every N in `best_ns` (search trials use the same warm-up and step counts). `train`: the step's
+    options (default: TrainConfig's). `progress` gets the partial result after every measurement (a
+    killed run keeps what it measured)."""
     device = resolve_device(device)
     setup_device(device)
-    lookup = lookup or ("device" if device.startswith("cuda") else "host")
+    train = train or TrainConfig()
     config = model_config(model)
     per_side: dict[str, Result] = {}
     result: Result = {
@@ -77,13 +68,15 @@ def bench_train(
         "k": k,
         "tokens_per_behavior": tokens,
         "fields": fields,
-        "dtype": str(default_dtype(device)).removeprefix("torch."),
-        "optimizer": "AdamW fused" if device.startswith("cuda") else "AdamW foreach",
-        "compile": compile,
-        "compile_mode": compile_mode,
-        "compile_backend": compile_backend,
-        "cuda_graph": cuda_graph,
-        "lookup": lookup,
+        "dtype": train.weights_dtype,
+        "precision": train.precision,
+        "optimizer": None,
+        "grad_clip": train.grad_clip,
+        "compile": train.compile,
+        "compile_mode": train.compile_mode,
+        "cuda_graph": train.cuda_graph,
+        "lookup": None,
+        "device_table_gb": train.device_table_gb,
         "store_atoms": atoms,
         "budget_gb": budget_gb,
         "warmup": warmup,
@@ -100,8 +93,10 @@ def bench_train(
     with tempfile.TemporaryDirectory() as tmp:
         store = random_store(Path(tmp) / "store", config.hidden_size, atoms) if "bahe" in sides else None
         for side in sides:
-            ts = TrainSide(side, model, k, fields, tokens, device, store, lookup, compile, compile_mode, compile_backend,
-                           cuda_graph)
+            ts = TrainSide(side, model, k, fields, tokens, device, train, store)
+            result["optimizer"] = optimizer_label(ts)
+            if ts.inputs is not None:
+                result["lookup"] = "device" if ts.inputs.table is not None else "host"
             data: Result = {"layer_params": ts.layer_params, "layers": ts.n_layers, "equal": [], "best": []}
             per_side[side] = data
             for n in ns:
@@ -111,10 +106,7 @@ def bench_train(
                 trials = search_batch(
                     functools.partial(ts.measure, n=n, warmup=warmup, steps=steps, budget_gb=budget_gb), 1, max_batch
                 )
-                row: Result = {"n": n, "best": best_trial(trials), "trials": trials}
-                if side == "bahe" and device.startswith("cuda") and row["best"]:
-                    row["host_lookup_ms"] = host_lookup_ms(store, row["best"]["batch"], fields, n, device)
-                data["best"].append(row)
+                data["best"].append({"n": n, "best": best_trial(trials), "trials": trials})
                 update()
             del ts
             free_memory(device)
@@ -186,7 +178,7 @@ def plot_train(result: Result, path: str | Path) -> None:
         ax.legend()
     fig.suptitle(
         f"{result['model']} ({result['weights']} weights), k={result['k']}, T={result['tokens_per_behavior']}, "
-        f"F={result['fields']}, {result['dtype']}{', compiled' if result['compile'] else ''}"
+        f"F={result['fields']}, {result['dtype']} weights{', compiled' if result['compile'] else ''}"
         f"{', CUDA graph' if result['cuda_graph'] else ''}, "
         f"{result['env'].get('gpu') or '{cpu} CPU, {cpu_count} cores'.format(**result['env'])}"
     )
@@ -198,10 +190,17 @@ def plot_train(result: Result, path: str | Path) -> None:
 def format_train(result: Result) -> str:
     """The equal-batch and best-batch tables as text."""
     lines = [f"{result['model']} k={result['k']} T={result['tokens_per_behavior']} F={result['fields']} "
-             f"{result['dtype']} lookup={result['lookup']} compile={result['compile']} cuda_graph={result['cuda_graph']}"]
+             f"weights={result['dtype']} precision={result['precision']} {result['optimizer']} lookup={result['lookup']} "
+             f"compile={result['compile']} cuda_graph={result['cuda_graph']}"]
     lines.append(f"equal batch {result['equal_batch']['batch']}:  N  bahe_ms  token_ms  speedup  bahe_gb  token_gb  mem_ratio")
     for r in result["equal_batch"]["rows"]:
         lines.append(f"  {r['n']:>5} {r['bahe_ms']} {r['token_ms']} {r['speedup']} {r['bahe_gb']} {r['token_gb']} {r['memory_ratio']}")
+    if not result["equal_batch"]["rows"]:  # one side: its own rows
+        for side, data in result["sides"].items():
+            for r in data["equal"]:
+                lines.append(f"  {side} batch {r['batch']} N {r['n']}: " + ("out of memory" if r["oom"] else
+                             f"{r['step_ms']} ms, {r['samples_per_s']} samples/s, {r['peak_gb']} GB, "
+                             f"batch built in {r['batch_ms']} ms"))
     if result["best_batch"]:
         lines.append("best batch:  N  bahe(batch, samples/s, GB)  token(batch, samples/s, GB)  speedup")
         for r in result["best_batch"]:

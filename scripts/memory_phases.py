@@ -2,9 +2,16 @@
 
 On a GPU, from the repository root: `PYTHONPATH=. python3 scripts/memory_phases.py [--compile]` (figures: docs/benchmarks.md).
 """
-import gc, sys, tempfile, collections
-import torch, torch.nn.functional as F
+import collections
+import gc
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
 from bahe_ray.bench import TrainSide, random_store
+from bahe_ray.config import TrainConfig
 from bahe_ray.runtime import setup_device
 
 GB = 1e9
@@ -12,16 +19,18 @@ setup_device("cuda")
 compile = "--compile" in sys.argv
 with tempfile.TemporaryDirectory() as tmp:
     store = random_store(tmp + "/s", 896, 100_000)
-    ts = TrainSide("bahe", "qwen2.5-0.5b", 6, 1, 32, "cuda", store, "device", compile)
-    inp = ts.inputs(8, 200, 0)
+    train = TrainConfig(use_gpu=True, weights_dtype="bfloat16", precision="float32", compile=compile, device_table_gb=80.0)
+    ts = TrainSide("bahe", "qwen2.5-0.5b", 6, 1, 32, "cuda", train, store)
+    batch, labels = ts.batch(8, 200, 0)
+    table = ts.inputs.table
     params = {p.data_ptr() for p in ts.model.parameters()}
     print("bahe compile", compile, "param GB", sum(p.numel() * p.element_size() for p in ts.model.parameters()) / GB,
-          "table GB", ts.table.vectors.numel() * 2 / GB)
+          "table GB", table.vectors.numel() * table.vectors.element_size() / GB)
     for step in range(4):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loss = F.binary_cross_entropy_with_logits(ts.model(ts.batch(inp), padded=False), inp["labels"])  # as TrainSide.step
+        loss = F.binary_cross_entropy_with_logits(ts.model(table.expand(batch.tensors), padded=False), labels)  # as TrainStep
         torch.cuda.synchronize()
         fwd_peak, after_fwd = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
         if step == 3:

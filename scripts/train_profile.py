@@ -1,22 +1,28 @@
 """Where each side's compiled training step spends its GPU time at N = 100, Qwen2.5-0.5B shape, k = 6.
 
-Prints the whole-step CUDA-graph step time (as `bench train --cuda-graph` measures it), then a
-profile of the same step run eagerly: kernel time by kind (GEMM, attention, inductor's fused
+Prints the whole-step CUDA-graph step time (as `bench train --compile --cuda-graph --weights-dtype bfloat16
+--precision float32` measures it), then a profile of the same step run eagerly: kernel time by kind (GEMM, attention, inductor's fused
 kernels, optimizer, other) and the top kernels. `gemm` instead times the layers' projections
 forward and backward, one GEMM per projection against q/k/v and gate/up fused into one each;
 `attention` times causal attention forward and backward per sdpa backend, GQA in the kernel
 (as Hugging Face calls it without a mask) or with the KV heads repeated first.
 
-On a GPU: PYTHONPATH=. python3 scripts/train_profile.py SIDE BATCH [COMPILE_MODE]
+On a GPU: PYTHONPATH=. python3 scripts/train_profile.py SIDE BATCH [COMPILE_MODE]  (train.compile_mode)
           PYTHONPATH=. python3 scripts/train_profile.py gemm ROWS...
           PYTHONPATH=. python3 scripts/train_profile.py attention SEQUENCES:LENGTH...
 """
-import collections, statistics, sys, tempfile
+import collections
+import statistics
+import sys
+import tempfile
 from pathlib import Path
+
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
 from bahe_ray.bench import TrainSide, random_store, time_calls
+from bahe_ray.config import TrainConfig
 from bahe_ray.models.registry import model_config
 from bahe_ray.runtime import setup_device
 
@@ -35,13 +41,13 @@ def kind(name: str) -> str:
 
 
 def profile_step(ts: TrainSide, batch: int) -> None:
-    inputs = ts.inputs(batch, N, 0)
+    inputs = ts.batch(batch, N, 0)
     for _ in range(3):
-        ts.step(inputs)
+        ts.step(*inputs)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            ts.step(inputs)
+            ts.step(*inputs)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels)
@@ -120,8 +126,11 @@ side, batch = sys.argv[1], int(sys.argv[2])
 mode = sys.argv[3] if len(sys.argv) > 3 else None
 with tempfile.TemporaryDirectory() as tmp:
     store = random_store(Path(tmp) / "store", model_config(MODEL).hidden_size, 100_000) if side == "bahe" else None
-    ts = TrainSide(side, MODEL, 6, 1, 32, "cuda", store, "device", compile=True, compile_mode=mode, cuda_graph=True)
+    options = dict(use_gpu=True, weights_dtype="bfloat16", precision="float32", compile=True, compile_mode=mode,
+                   device_table_gb=80.0)
+    ts = TrainSide(side, MODEL, 6, 1, 32, "cuda", TrainConfig(**options, cuda_graph=True), store)
     r = ts.measure(batch, N, 3, 10)
     print(f"{side} batch {batch} mode {mode}: graphed step {r.get('step_ms')} ms, {r.get('samples_per_s')} samples/s,"
           f" {r.get('tflops')} TFLOP/s, peak {r.get('peak_gb')} GB")
-    profile_step(ts, batch)
+    del ts
+    profile_step(TrainSide(side, MODEL, 6, 1, 32, "cuda", TrainConfig(**options), store), batch)  # eager, same layers

@@ -192,7 +192,9 @@ def format_train(result: Result) -> str:
     lines = [f"{result['model']} k={result['k']} T={result['tokens_per_behavior']} F={result['fields']} "
              f"weights={result['dtype']} precision={result['precision']} {result['optimizer']} lookup={result['lookup']} "
              f"compile={result['compile']} cuda_graph={result['cuda_graph']}"]
-    lines.append(f"equal batch {result['equal_batch']['batch']}:  N  bahe_ms  token_ms  speedup  bahe_gb  token_gb  mem_ratio")
+    if result["equal_batch"]["rows"]:
+        lines.append(f"equal batch {result['equal_batch']['batch']}:  N  bahe_ms  token_ms  speedup  bahe_gb  token_gb  "
+                     "mem_ratio")
     for r in result["equal_batch"]["rows"]:
         lines.append(f"  {r['n']:>5} {r['bahe_ms']} {r['token_ms']} {r['speedup']} {r['bahe_gb']} {r['token_gb']} {r['memory_ratio']}")
     if not result["equal_batch"]["rows"]:  # one side: its own rows

@@ -1,9 +1,11 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each does its own set-up.
+# `make test` runs the whole suite (what CI's .ci/run calls); `make test-fast` only the fast tier,
+# `pytest -m "not slow"` (no Ray, S3 server, Serve, workflow or faults; see tests/conftest.py).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup setup-test clean
+.PHONY: demo test test-fast setup setup-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,9 @@ demo: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q
+
+test-fast: setup-test
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf outputs .pytest_cache

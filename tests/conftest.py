@@ -122,6 +122,31 @@ def minilm_path() -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Two tiers (issue 16, item 5): `make test-fast` = `pytest -m "not slow"`, `make test` = everything.
+# A test is marked `slow` here, centrally, when it needs real infrastructure or long runs:
+#   - it uses, directly or through another fixture, one that starts infrastructure (SLOW_FIXTURES:
+#     the local Ray instance, the S3 server, the MovieLens store and samples built through Ray; Serve
+#     (`url`, `client`) and vLLM actors build on `ray_local`, so they count too);
+#   - it lives in tests/faults/ or tests/test_workflow.py (fault injection, the whole user workflow);
+#   - it is marked `gpu`;
+#   - its node id ends with one of SLOW_TESTS: pure tests that are slow on their own (measured).
+# Everything else (pure functions, store on local files, schema, models, features, config, the HTTP
+# layer without Ray) is the fast tier: under 2 minutes on 2 cores.
+SLOW_FIXTURES = frozenset({"ray_local", "s3_server", "ml"})
+SLOW_PATHS = (REPO / "tests" / "faults", REPO / "tests" / "test_workflow.py")
+SLOW_TESTS: tuple[str, ...] = ()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if (SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+                or any(item.path == p or p in item.path.parents for p in SLOW_PATHS)
+                or item.get_closest_marker("gpu") is not None
+                or item.nodeid.endswith(SLOW_TESTS)):
+            item.add_marker(pytest.mark.slow)
+
+
 def write_movielens_subset(root: Path, users: int) -> dict[str, str]:
     """Real MovieLens-100K rows of the first `users` users as parquet input folders."""
     import pyarrow.parquet as pq

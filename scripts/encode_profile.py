@@ -2,7 +2,7 @@
 
 On a GPU, from the repository root: `PYTHONPATH=. python3 scripts/encode_profile.py` (figures: docs/benchmarks.md).
 """
-import collections, sys, tempfile, time
+import collections, tempfile, time
 from pathlib import Path
 import torch
 from bahe_ray.bench import random_checkpoint, random_texts

@@ -83,7 +83,7 @@ def bench_encode_model(
     return {
         "bench": "encode-model", "env": env, "model": model_label(model), "weights": weights_kind(model),
         "k": k, "tokens": tokens, "dtype": str(default_dtype(device)).removeprefix("torch."), "compile": compile,
-        "matmul_peak_tflops": round(peak, 1), "layer_params": params,
+        "matmul_peak_tflops": round(peak, 3), "layer_params": params,
         "flops_per_atom": forward_flops(params, k, width, tokens, 1),
         "rows": rows, "best": max(done, key=lambda r: r["atoms_per_s"]) if done else None,
     }

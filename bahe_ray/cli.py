@@ -41,10 +41,12 @@ def cmd_encode(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_data(cfg: Config, args: argparse.Namespace) -> int:
-    from bahe_ray.encode import prepare_inputs
+    """Prepare the inputs (read, validate, write) unless these inputs were prepared already."""
+    from bahe_ray.data.prepare import prepare_inputs
 
-    events, impressions, fmt = prepare_inputs(cfg)
-    print(f"events: {events}\nimpressions: {impressions}\nformat: {fmt}")
+    init_ray(cfg)
+    prepared = prepare_inputs(cfg, use_ray=True)
+    print(json.dumps(prepared.to_dict(), indent=2))
     return 0
 
 
@@ -53,7 +55,7 @@ def cmd_store(cfg: Config, args: argparse.Namespace) -> int:
 
     store = EmbeddingStore.read(args.path or cfg.store.path, storage=cfg.storage)
     if args.action == "info":
-        print(json.dumps(store.info(), indent=2, default=str))
+        print(json.dumps(store.info().to_dict(), indent=2))
         return 0
     if args.action == "verify":
         report = store.verify()

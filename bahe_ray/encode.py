@@ -2,8 +2,9 @@
 
 Ray Data plan (streaming; the driver sees only counts and part records):
 
-    read + validate events ──> per-block unique atoms ─┐
-    read + validate impressions ─> per-block unique ───┴─ union ─> hash groupby(atom_id) ─> materialize
+    prepared inputs (`bahe_ray.data.prepare`: read + validated once per run, reused by samples)
+    prepared events ──────> per-block unique atoms ─┐
+    prepared impressions ─> per-block unique atoms ─┴─ union ─> hash groupby(atom_id) ─> materialize
     unique atoms ─> anti-join with the committed store ─> encoder actor pool (encode + write part)
     part records ─> driver commits a manifest every `store.commit_every_parts` parts and at the end
 
@@ -15,28 +16,24 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from bahe_ray.atoms import unique_atoms
 from bahe_ray.config import Config, EncoderConfig, StorageConfig
-from bahe_ray.data import movielens, synthetic
-from bahe_ray.data.readers import ValidateRows, make_dirs, read_rejects, read_table, reject_counts, write_parquet_table
+from bahe_ray.data.prepare import PreparedInputs, new_run_id, prepare_inputs, prepared_dataset, prepared_table
+from bahe_ray.data.readers import BATCH_ROWS
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS, TableKind
 from bahe_ray.encoders import build_encoder, encoder_fingerprint
-from bahe_ray.fs import arrow_filesystem, filesystem, join
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.runtime import default_device
 from bahe_ray.store import EmbeddingStore, PartWriter
+from bahe_ray.store.store import isin_sorted
 
 if TYPE_CHECKING:  # Ray is imported where it is used, so the local path runs without it
     import ray.data
@@ -56,6 +53,7 @@ class EncodeSummary:
     events_valid: int = 0
     impressions_valid: int = 0
     rejects: dict[str, int] = field(default_factory=dict)
+    rejects_dir: str = ""  # where the run that prepared the inputs set the bad rows aside
     atoms_seen: int = 0  # valid behaviour occurrences + impression items
     unique_atoms: int = 0
     collisions: int = 0  # ids shared by different texts: reported, not encoded
@@ -85,72 +83,65 @@ class EncodeSummary:
             f"  store              v{self.store_version}, {self.store_atoms:,} atoms",
         ]
         lines += [f"  rejected  {count:>8,}  {reason}" for reason, count in self.rejects.items()]
+        if self.rejects:
+            lines.append(f"  rejected rows in   {self.rejects_dir}")
         return "\n".join(lines)
 
 
-def prepare_inputs(cfg: Config) -> tuple[str, str | None, str]:
-    """(events path, impressions path, format) for the configured source, writing adapters' output."""
-    data = cfg.data
-    if data.source == "files":
-        return data.events_path or "", data.impressions_path, data.format
-    if data.source == "synthetic":
-        events, impressions = synthetic.generate(data.synthetic, data.prepared_path, cfg.storage)
-        return events, impressions, "parquet"
-    ratings = movielens.load_ratings(data.movielens_path, Path(data.cache_dir))
-    events, impressions = movielens.to_tables(ratings, data.movielens_users)
-    return (
-        write_parquet_table(events, join(data.prepared_path, "events"), cfg.storage),
-        write_parquet_table(impressions, join(data.prepared_path, "impressions"), cfg.storage),
-        "parquet",
-    )
+def atom_columns(kind: TableKind) -> list[str]:
+    """The columns of a prepared table that hold its atoms: id and text."""
+    return [kind.id_column, kind.text_column]
 
 
-def _block_atoms(kind: TableKind, count_column: str):
-    """Batch function: validated rows -> unique (atom_id, text) with per-source counts."""
+def atom_rows(table: pa.Table, kind: TableKind) -> pa.Table:
+    """The atoms of prepared events or impressions as (atom_id, text) rows."""
+    return pa.table({"atom_id": table.column(kind.id_column), "text": table.column(kind.text_column)})
 
-    def fn(batch: pa.Table) -> pa.Table:
-        table = pa.table({"atom_id": batch.column(kind.id_column), "text": batch.column(kind.text_column)})
-        unique = unique_atoms(table).drop(["n_texts"])
-        other = "impression_count" if count_column == "event_count" else "event_count"
-        zeros = pa.array(np.zeros(unique.num_rows, dtype=np.int64))
-        return unique.rename_columns(["atom_id", "text", count_column]).append_column(other, zeros)
 
-    return fn
+def group_atoms(table: pa.Table) -> pa.Table:
+    """One row per atom id: atom_id, text (the smallest), text_max (the largest; another text: a collision).
+
+    Takes (atom_id, text) rows, or rows already grouped (atom_id, text, text_max), so the Ray
+    path groups per block and then globally, and the local path groups once, alike.
+    """
+    if "text_max" not in table.column_names:
+        table = table.append_column("text_max", table.column("text"))
+    grouped = table.group_by("atom_id").aggregate([("text", "min"), ("text_max", "max")])
+    return pa.table({"atom_id": grouped["atom_id"], "text": grouped["text_min"], "text_max": grouped["text_max_max"]})
+
+
+def flag_collisions(table: pa.Table) -> pa.Table:
+    """atom_id, text, collision (int8, 1 where the id carries two texts) from grouped atoms."""
+    collision = pc.cast(pc.not_equal(table.column("text"), table.column("text_max")), pa.int8())
+    return table.drop(["text_max"]).append_column("collision", collision)
 
 
 def unique_atom_dataset(events: ray.data.Dataset, impressions: ray.data.Dataset | None, partitions: int) -> ray.data.Dataset:
-    """Globally unique atoms: atom_id, text, event_count, impression_count, collision."""
-    from ray.data.aggregate import Max, Min, Sum
+    """Globally unique atoms of prepared tables: atom_id, text, collision."""
+    from ray.data.aggregate import Max, Min
 
-    parts = events.map_batches(_block_atoms(EVENTS, "event_count"), batch_format="pyarrow")
+    def block_atoms(kind: TableKind):
+        return lambda batch: group_atoms(atom_rows(batch, kind))
+
+    parts = events.map_batches(block_atoms(EVENTS), batch_format="pyarrow", batch_size=BATCH_ROWS)
     if impressions is not None:
-        items = impressions.map_batches(_block_atoms(IMPRESSIONS, "impression_count"), batch_format="pyarrow")
-        parts = parts.union(items.select_columns(["atom_id", "text", "event_count", "impression_count"]))
+        parts = parts.union(impressions.map_batches(block_atoms(IMPRESSIONS), batch_format="pyarrow", batch_size=BATCH_ROWS))
     grouped = parts.groupby("atom_id", num_partitions=partitions).aggregate(
-        Sum("event_count", alias_name="event_count"),
-        Sum("impression_count", alias_name="impression_count"),
-        Min("text", alias_name="text"),
-        Max("text", alias_name="text_max"),
+        Min("text", alias_name="text"), Max("text_max", alias_name="text_max")
     )
-
-    def flag(batch: pa.Table) -> pa.Table:
-        collision = pc.cast(pc.not_equal(batch.column("text"), batch.column("text_max")), pa.int8())
-        return batch.drop(["text_max"]).append_column("collision", collision)
-
-    return grouped.map_batches(flag, batch_format="pyarrow")
+    return grouped.map_batches(flag_collisions, batch_format="pyarrow")
 
 
 class MissingFilter:
-    """Batch function: keep atoms whose id is not in the committed store (sorted id array)."""
+    """Batch function: keep atoms whose id is not in the committed store (sorted id array) and
+    that carry one text (collisions are reported, not encoded)."""
 
     def __init__(self, committed: np.ndarray) -> None:
         self.committed = committed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("atom_id").to_numpy()
-        pos = np.searchsorted(self.committed, ids).clip(max=max(len(self.committed) - 1, 0))
-        present = (self.committed[pos] == ids) if len(self.committed) else np.zeros(len(ids), dtype=bool)
-        keep = ~present & (batch.column("collision").to_numpy() == 0)
+        keep = ~isin_sorted(ids, self.committed) & (batch.column("collision").to_numpy() == 0)
         return batch.filter(pa.array(keep)).select(["atom_id", "text"])
 
 
@@ -183,21 +174,15 @@ def run_encode(cfg: Config) -> EncodeSummary:
     from ray.data import ActorPoolStrategy
 
     start = time.time()
-    summary = EncodeSummary(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
-    events_path, impressions_path, fmt = prepare_inputs(cfg)
-    rejects_dir = join(cfg.rejects_path, summary.run_id)
-    max_chars = cfg.data.max_text_chars
-    events = read_table(events_path, EVENTS, fmt, cfg.storage, rejects_dir, max_chars)
-    impressions = (
-        read_table(impressions_path, IMPRESSIONS, fmt, cfg.storage, rejects_dir, max_chars) if impressions_path else None
-    )
+    summary = EncodeSummary(run_id=new_run_id())
+    prepared = prepare_inputs(cfg, use_ray=True, run_id=summary.run_id)
+    events = prepared_dataset(prepared.events, cfg.storage, atom_columns(EVENTS))
+    impressions = (prepared_dataset(prepared.impressions, cfg.storage, atom_columns(IMPRESSIONS))
+                   if prepared.impressions else None)
     partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
     atoms = unique_atom_dataset(events, impressions, partitions).materialize()
-
     unique = atoms.count()
-    count_atoms(summary, cfg, rejects_dir, int(atoms.sum("event_count") or 0) if unique else 0,
-                int(atoms.sum("impression_count") or 0) if unique and impressions is not None else 0,
-                unique, int(atoms.sum("collision") or 0) if unique else 0)
+    count_atoms(summary, prepared, unique, int(atoms.sum("collision") or 0) if unique else 0)
     store = open_store(cfg, actor_device(cfg.encoder), summary)
     new_atoms = atoms.map_batches(MissingFilter, fn_constructor_args=(store.ids(),), batch_format="pyarrow",
                                   compute=ActorPoolStrategy(size=1)).materialize()
@@ -212,19 +197,15 @@ def run_encode(cfg: Config) -> EncodeSummary:
     return summary
 
 
-def count_atoms(summary: EncodeSummary, cfg: Config, rejects_dir: str, events_valid: int, impressions_valid: int,
-                unique: int, collisions: int) -> None:
-    """Fill the summary's counts from the atom table and the rejects this run wrote."""
-    summary.events_valid, summary.impressions_valid = events_valid, impressions_valid
-    summary.atoms_seen = events_valid + impressions_valid
+def count_atoms(summary: EncodeSummary, prepared: PreparedInputs, unique: int, collisions: int) -> None:
+    """Fill the summary's counts: rows and rejects from preparing the inputs, atoms from the atom table."""
+    summary.events_read, summary.events_valid = prepared.events_read, prepared.events_valid
+    summary.impressions_read, summary.impressions_valid = prepared.impressions_read, prepared.impressions_valid
+    summary.rejects, summary.rejects_dir = dict(prepared.rejects), prepared.rejects_dir
+    summary.atoms_seen = prepared.events_valid + prepared.impressions_valid
     summary.unique_atoms, summary.collisions = unique, collisions
     if collisions:
         log.error("%d atom ids are shared by different texts; those atoms are not encoded", collisions)
-    rejects = read_rejects(rejects_dir, cfg.storage)
-    summary.rejects = reject_counts(rejects)
-    n_rejected = {name: int(pc.sum(pc.equal(rejects.column("source"), name)).as_py() or 0) for name in ("events", "impressions")}
-    summary.events_read = events_valid + n_rejected["events"]
-    summary.impressions_read = impressions_valid + n_rejected["impressions"]
 
 
 def open_store(cfg: Config, device: str, summary: EncodeSummary) -> EmbeddingStore:
@@ -237,26 +218,15 @@ def open_store(cfg: Config, device: str, summary: EncodeSummary) -> EmbeddingSto
 
 def run_encode_local(cfg: Config, device: str | None = None) -> EncodeSummary:
     """The encode job in this process without Ray (GPU machines without Ray, the benchmark's
-    baseline): the same validation, rejects, dedup, anti-join, parts and commits as `run_encode`."""
+    baseline): the same prepared inputs, dedup, anti-join, parts and commits as `run_encode`."""
     start = time.time()
     device = device or default_device()
-    summary = EncodeSummary(run_id=time.strftime("%Y%m%dT%H%M%S") + "-local-" + uuid.uuid4().hex[:6])
-    events_path, impressions_path, fmt = prepare_inputs(cfg)
-    rejects_dir = join(cfg.rejects_path, summary.run_id)
-    parts = [_block_atoms(EVENTS, "event_count")(validate_local(events_path, EVENTS, fmt, cfg, rejects_dir))]
-    if impressions_path:
-        items = _block_atoms(IMPRESSIONS, "impression_count")(validate_local(impressions_path, IMPRESSIONS, fmt, cfg,
-                                                                             rejects_dir))
-        parts.append(items.select(parts[0].column_names))
-    grouped = pa.concat_tables(parts).group_by("atom_id").aggregate(
-        [("event_count", "sum"), ("impression_count", "sum"), ("text", "min"), ("text", "max")]
-    )
-    collision = pc.not_equal(grouped["text_min"], grouped["text_max"])
-    atoms = pa.table({"atom_id": grouped["atom_id"], "text": grouped["text_min"],
-                      "collision": pc.cast(collision, pa.int8())})
-    count_atoms(summary, cfg, rejects_dir, int(pc.sum(grouped["event_count_sum"]).as_py() or 0),
-                int(pc.sum(grouped["impression_count_sum"]).as_py() or 0), atoms.num_rows,
-                int(pc.sum(collision.cast(pa.int64())).as_py() or 0))
+    summary = EncodeSummary(run_id=new_run_id("local"))
+    prepared = prepare_inputs(cfg, use_ray=False, run_id=summary.run_id)
+    tables = ((prepared.events, EVENTS), (prepared.impressions, IMPRESSIONS))
+    rows = [atom_rows(prepared_table(path, cfg.storage, atom_columns(kind)), kind) for path, kind in tables if path]
+    atoms = flag_collisions(group_atoms(pa.concat_tables(rows)))
+    count_atoms(summary, prepared, atoms.num_rows, int(pc.sum(atoms.column("collision")).as_py() or 0))
     store = open_store(cfg, device, summary)
     new_atoms = MissingFilter(store.ids())(atoms)
     summary.new_atoms = new_atoms.num_rows
@@ -272,19 +242,6 @@ def run_encode_local(cfg: Config, device: str | None = None) -> EncodeSummary:
     summary.store_version, summary.store_atoms = store.version, store.num_atoms
     summary.seconds = round(time.time() - start, 2)
     return summary
-
-
-def validate_local(path: str, kind: TableKind, fmt: str, cfg: Config, rejects_dir: str) -> pa.Table:
-    """All valid rows of one input table read in this process (rejects written as the Ray path does)."""
-    validate = ValidateRows(kind, cfg.data.max_text_chars, rejects_dir, cfg.storage, jsonl=fmt == "jsonl")
-    make_dirs(rejects_dir, cfg.storage)
-    fs, inner = filesystem(path, cfg.storage)
-    files = sorted(f for f in fs.find(inner) if not f.rsplit("/", 1)[-1].startswith((".", "_"))) \
-        if fs.isdir(inner) else [inner]
-    afs, _ = arrow_filesystem(path, cfg.storage)
-    batches = [validate(pa.table({"bytes": [fs.cat_file(f)]}) if fmt == "jsonl" else pq.read_table(f, filesystem=afs))
-               for f in files]
-    return pa.concat_tables(batches) if batches else kind.schema.empty_table()
 
 
 def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStore) -> int:

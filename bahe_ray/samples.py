@@ -11,7 +11,8 @@ Split (by time, the same cut for every user): impressions with ts < q(1 - val - 
 timestamps. Behaviours from earlier splits feed later splits' histories, as in production.
 
 The table is written as parquet under `<samples.path>/table/split=<split>/` plus `samples.json` (fields,
-N, cut-offs, counts). Built with Ray Data: events and impressions are unioned, hash-grouped by
+N, cut-offs, counts). Built with Ray Data from the prepared inputs (`bahe_ray.data.prepare`, the
+validated tables the encode job reads): events and impressions are unioned, hash-grouped by
 user and each user's rows are turned into samples by `user_samples`, a plain function.
 
 Reading needs no Ray: `read_split_table` and `pad_histories` run where Ray is absent (the GPU
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bahe_ray.config import Config, SamplesConfig, StorageConfig
+from bahe_ray.data.prepare import prepare_inputs, prepared_dataset
+from bahe_ray.data.readers import BATCH_ROWS, remove_folder
 from bahe_ray.fs import arrow_filesystem, filesystem, join, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -158,7 +160,7 @@ def split_cuts(impressions: ray.data.Dataset, cfg: SamplesConfig) -> SplitCuts:
     impressions lies. The driver holds only the histogram (8 MiB); the timestamps stay in the
     object store.
     """
-    ts_only = impressions.select_columns(["ts"]).materialize()  # one read: validation writes rejects
+    ts_only = impressions.select_columns(["ts"]).materialize()  # read once for count, min, max and the histogram
     if ts_only.count() == 0:
         raise ValueError("impressions: no valid rows to split")
     low, high = int(ts_only.min("ts")), int(ts_only.max("ts"))
@@ -194,8 +196,8 @@ def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: 
 
     scfg = cfg.samples
     cuts = split_cuts(impressions, scfg)
-    rows = events.map_batches(_as_rows("events"), batch_format="pyarrow").union(
-        impressions.map_batches(_as_rows("impressions"), batch_format="pyarrow")
+    rows = events.map_batches(_as_rows("events"), batch_format="pyarrow", batch_size=BATCH_ROWS).union(
+        impressions.map_batches(_as_rows("impressions"), batch_format="pyarrow", batch_size=BATCH_ROWS)
     )
     partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
     samples = (
@@ -203,7 +205,7 @@ def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: 
         .map_groups(user_samples, fn_args=(scfg.fields, scfg.max_behaviors, cuts), batch_format="pyarrow")
         .materialize()
     )
-    clear_folder(join(scfg.path, "table"), cfg.storage)
+    remove_folder(join(scfg.path, "table"), cfg.storage)
     fs, inner = arrow_filesystem(join(scfg.path, "table"), cfg.storage)
     samples.write_parquet(inner, filesystem=fs, partition_cols=["split"])
     counts, positives = {}, {}
@@ -218,25 +220,14 @@ def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: 
 
 
 def build_configured_samples(cfg: Config) -> SamplesSummary:
-    """Build the sample table from the configured inputs: the same tables `bahe encode` reads."""
-    from bahe_ray.data.readers import read_table
-    from bahe_ray.data.schema import EVENTS, IMPRESSIONS
-    from bahe_ray.encode import prepare_inputs
-
-    events_path, impressions_path, fmt = prepare_inputs(cfg)
-    if not impressions_path:
+    """Build the sample table from the prepared inputs: the tables `bahe encode` reads, prepared
+    now only if no earlier stage prepared them from the same inputs."""
+    prepared = prepare_inputs(cfg, use_ray=True)
+    if prepared.impressions is None:
         raise ValueError("samples need impressions: set data.impressions_path")
-    rejects = join(cfg.rejects_path, "samples-" + datetime.now().strftime("%Y%m%dT%H%M%S"))
-    events = read_table(events_path, EVENTS, fmt, cfg.storage, rejects, cfg.data.max_text_chars)
-    impressions = read_table(impressions_path, IMPRESSIONS, fmt, cfg.storage, rejects, cfg.data.max_text_chars)
+    events = prepared_dataset(prepared.events, cfg.storage)
+    impressions = prepared_dataset(prepared.impressions, cfg.storage)
     return build_samples(events, impressions, cfg)
-
-
-def clear_folder(path: str, storage: StorageConfig) -> None:
-    """Remove a previous sample table so a rebuild never mixes old and new files."""
-    fs, inner = filesystem(path, storage)
-    if fs.exists(inner):
-        fs.rm(inner, recursive=True)
 
 
 def read_summary(path: str, storage: StorageConfig) -> SamplesSummary:

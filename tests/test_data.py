@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bahe_ray.atoms import atom_id, normalize_text, unique_atoms
-from bahe_ray.config import StorageConfig, SyntheticConfig
+from bahe_ray.config import Config, StorageConfig, SyntheticConfig, with_overrides
 from bahe_ray.data import movielens, synthetic
+from bahe_ray.data.prepare import prepare_inputs, prepared_table
 from bahe_ray.data.readers import read_rejects, read_table, reject_counts
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS, split_valid
 
@@ -168,3 +169,38 @@ def test_synthetic_generator_is_zipf_and_deterministic(tmp_path: Path) -> None:
     counts = np.sort(np.unique(events.column("text").to_numpy(zero_copy_only=False), return_counts=True)[1])[::-1]
     assert counts[0] > 20 * np.median(counts), "a few behaviours are reused far more than the median one"
     assert pq.read_table(impressions_dir).num_rows == 50 * cfg.impressions_per_user
+
+
+def test_inputs_are_prepared_once_until_the_config_or_the_files_change(tmp_path: Path) -> None:
+    """Validated once: a second stage reads the recorded tables (not rewritten, no second rejects
+    folder); changed input files or a changed data config prepare them again."""
+    events = tmp_path / "logs" / "events.jsonl"
+    events.parent.mkdir()
+    lines = [json.dumps({**GOOD_EVENT, "user_id": f"u{i}", "text": f"behaviour {i}"}).encode() for i in range(6)]
+    _write_jsonl(events, [*lines, b"{not json", json.dumps({**GOOD_EVENT, "ts": "soon"}).encode()])
+    cfg = Config.model_validate({
+        "data": {"source": "files", "format": "jsonl", "events_path": str(events), "prepared_path": str(tmp_path / "data")},
+        "rejects_path": str(tmp_path / "rejects"),
+    })
+
+    first = prepare_inputs(cfg, use_ray=False, run_id="run-1")
+    assert (first.events_read, first.events_valid, first.impressions) == (8, 6, None)
+    assert first.rejects == {"events: row: not valid JSON": 1, "events: ts: not a timestamp": 1}
+    assert first.rejects_dir == str(tmp_path / "rejects" / "run-1")
+    assert sorted(prepared_table(first.events, cfg.storage).column("user_id").to_pylist()) == [f"u{i}" for i in range(6)]
+    written = {f: f.stat().st_mtime_ns for f in (tmp_path / "data").rglob("*") if f.is_file()}
+
+    again = prepare_inputs(cfg, use_ray=False, run_id="run-2")
+    assert again == first
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "data").rglob("*") if f.is_file()} == written
+    assert [d.name for d in (tmp_path / "rejects").iterdir()] == ["run-1"]
+
+    _write_jsonl(events, [*lines, json.dumps({**GOOD_EVENT, "user_id": "u6", "text": "behaviour 6"}).encode()])
+    changed_files = prepare_inputs(cfg, use_ray=False, run_id="run-3")
+    assert (changed_files.run_id, changed_files.events_valid, changed_files.rejects) == ("run-3", 7, {})
+
+    shorter = prepare_inputs(with_overrides(cfg, ["data.max_text_chars=10"]), use_ray=False, run_id="run-4")
+    assert (shorter.run_id, shorter.events_valid) == ("run-4", 0)  # "behaviour N" is 11 characters
+    assert shorter.rejects == {"events: text: longer than 10 characters": 7}
+    assert prepared_table(shorter.events, cfg.storage).num_rows == 0
+    assert sorted(d.name for d in (tmp_path / "rejects").iterdir()) == ["run-1", "run-3", "run-4"]

@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, write_movielens_subset
 
-from bahe_ray.config import Config, load_config
+from bahe_ray.config import Config, load_config, with_overrides
+from bahe_ray.data.prepare import load_prepared
+from bahe_ray.data.readers import read_rejects
 from bahe_ray.encode import run_encode
 from bahe_ray.encoders import build_encoder
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
@@ -37,6 +39,7 @@ def make_config(tmp: Path, files: dict[str, str], **overrides: str) -> Config:
         "data.source=files",
         f"data.events_path={files['events']}",
         f"data.impressions_path={files['impressions']}",
+        f"data.prepared_path={tmp / 'data'}",
         f"store.path={tmp / 'store'}",
         f"rejects_path={tmp / 'rejects'}",
         "encoder.batch_size=128",
@@ -107,11 +110,45 @@ def test_bad_rows_are_counted_and_set_aside(ray_local: None, tmp_path: Path) -> 
     assert sum(pq.read_table(f).num_rows for f in files) == 3
 
 
+def test_inputs_are_prepared_once_per_run(ray_local: None, tmp_path: Path) -> None:
+    """encode then samples (as the demo, the daily update and `bahe train` run them): the inputs are
+    validated once, by encode, and samples reads the same tables; each bad row is set aside once.
+    A changed data config prepares them again."""
+    from bahe_ray.samples import build_configured_samples
+
+    files = write_movielens_subset(tmp_path / "logs", 1)
+    bad = pq.read_table(files["events"]).slice(0, 2)
+    bad = bad.set_column(bad.schema.get_field_index("text"), "text", pa.array(["", "   "]))
+    pq.write_table(bad, Path(files["events"]) / "part-1.parquet")
+    cfg = make_config(tmp_path, files, **{"samples.path": str(tmp_path / "samples"), "samples.max_behaviors": "5"})
+    prepared, rejects = tmp_path / "data", tmp_path / "rejects"
+
+    def written() -> dict[Path, int]:
+        return {f: f.stat().st_mtime_ns for f in prepared.rglob("*") if f.is_file()}
+
+    encoded = run_encode(cfg)
+    assert encoded.rejects == {"events: text: empty": 2} and encoded.events_read == encoded.events_valid + 2
+    before = written()
+    samples = build_configured_samples(cfg)
+    assert written() == before, "samples rewrote the inputs encode prepared"
+    assert [d.name for d in rejects.iterdir()] == [encoded.run_id]
+    assert read_rejects(str(rejects / encoded.run_id), cfg.storage).num_rows == 2
+    assert sum(samples.counts.values()) == encoded.impressions_valid
+
+    shorter = with_overrides(cfg, ["data.max_text_chars=40"])  # rejects the longer movie titles
+    again = build_configured_samples(shorter)
+    record = load_prepared(cfg.data.prepared_path, cfg.storage)
+    assert record is not None and record.run_id != encoded.run_id and written() != before
+    assert sorted(d.name for d in rejects.iterdir()) == sorted([encoded.run_id, record.run_id])
+    assert 0 < record.impressions_valid < encoded.impressions_valid
+    assert sum(again.counts.values()) == record.impressions_valid
+
+
 def test_killed_run_is_finished_by_rerun(ray_local: None, tmp_path: Path, ml_files: dict[str, str]) -> None:
     store_path = tmp_path / "store"
     sets = ["data.source=files", f"data.events_path={ml_files['events']}", f"data.impressions_path={ml_files['impressions']}",
-            f"store.path={store_path}", f"rejects_path={tmp_path / 'rejects'}", "encoder.batch_size=16",
-            "store.commit_every_parts=1", "ray.num_cpus=1"]
+            f"data.prepared_path={tmp_path / 'data'}", f"store.path={store_path}", f"rejects_path={tmp_path / 'rejects'}",
+            "encoder.batch_size=16", "store.commit_every_parts=1", "ray.num_cpus=1"]
     cmd = [sys.executable, "-m", "bahe_ray.cli", "encode", "--config", str(REPO / "configs" / "local.yaml")]
     for s in sets:
         cmd += ["--set", s]
@@ -146,7 +183,7 @@ def test_encode_reads_and_writes_s3(ray_local: None, s3_server, tmp_path: Path, 
         fs.put(ml_files[name] + "/part-0.parquet", f"{bucket[5:]}/logs/{name}/part-0.parquet")
     files = {"events": f"{bucket}/logs/events", "impressions": f"{bucket}/logs/impressions"}
     cfg = make_config(tmp_path, files, **{"store.path": f"{bucket}/store", "rejects_path": f"{bucket}/rejects",
-                                          "storage.endpoint_url": s3_server.endpoint})
+                                          "data.prepared_path": f"{bucket}/data", "storage.endpoint_url": s3_server.endpoint})
     summary = run_encode(cfg)
     assert summary.encoded == len(expected_unique(ml_files))
     store = EmbeddingStore.read(f"{bucket}/store", storage=cfg.storage)

@@ -25,6 +25,10 @@ from bahe_ray.fs import arrow_filesystem, filesystem, join
 if TYPE_CHECKING:  # Ray is imported where it is used: the local encode path runs without it
     import ray.data
 
+# Rows per Ray Data batch of input rows. Reads split even a small file into many blocks; batching
+# them again keeps per-batch work (validation, per-block dedup) and later shuffles coarse.
+BATCH_ROWS = 10_000
+
 
 def parse_jsonl(data: bytes, source: str) -> tuple[list[Any], list[dict[str, str]]]:
     """Split JSON Lines bytes into parsed rows and rejects (bad JSON); blank lines are skipped."""
@@ -94,12 +98,19 @@ def read_table(
     else:
         raise ValueError(f"data.format: expected 'parquet' or 'jsonl', got {fmt!r}")
     validate = ValidateRows(kind, max_chars, rejects_dir, storage, jsonl=fmt == "jsonl")
-    return ds.map_batches(validate, batch_format="pyarrow", batch_size=None if fmt == "jsonl" else 10_000)
+    return ds.map_batches(validate, batch_format="pyarrow", batch_size=None if fmt == "jsonl" else BATCH_ROWS)
 
 
 def make_dirs(path: str, storage: StorageConfig) -> None:
     fs, inner = filesystem(path, storage)
     fs.makedirs(inner, exist_ok=True)
+
+
+def remove_folder(path: str, storage: StorageConfig) -> None:
+    """Remove a folder written earlier, so a rewrite never mixes old and new files."""
+    fs, inner = filesystem(path, storage)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
 
 
 def read_rejects(rejects_dir: str, storage: StorageConfig) -> pa.Table:

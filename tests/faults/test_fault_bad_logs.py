@@ -83,8 +83,8 @@ def test_every_bad_row_is_rejected_with_its_reason_and_the_rest_is_encoded(ray_l
         paths[name].write_bytes(b"\n".join(mixed) + b"\n")
     cfg = load_config(REPO / "configs" / "local.yaml", [
         "data.source=files", "data.format=jsonl", f"data.events_path={paths['events']}",
-        f"data.impressions_path={paths['impressions']}", f"store.path={tmp_path / 'store'}",
-        f"rejects_path={tmp_path / 'rejects'}",
+        f"data.impressions_path={paths['impressions']}", f"data.prepared_path={tmp_path / 'data'}",
+        f"store.path={tmp_path / 'store'}", f"rejects_path={tmp_path / 'rejects'}",
     ])
 
     summary = run_encode(cfg)

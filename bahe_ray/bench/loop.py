@@ -50,7 +50,7 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
     one worker (Ray Data shard, Ray Train). End-to-end figures are the last epoch's (the first
     carries the warm-up); the ratio is end-to-end over model-level samples/s.
     """
-    from bahe_ray.encode import prepare_inputs, run_encode_local
+    from bahe_ray.encode import run_encode_local
     from bahe_ray.samples import build_configured_samples
     from bahe_ray.train import train_local, train_ray
 
@@ -64,10 +64,7 @@ def bench_loop(cfg: Config, model: str | PretrainedConfig, k: int, n: int, batch
     tc = cfg.train
     tc.model_kind, tc.batch_size, tc.max_epochs, tc.patience = "bahe", batch, epochs, 0
     tc.use_gpu, tc.num_workers, tc.max_train_samples = device.startswith("cuda"), 1, None
-    events_path, impressions_path, _ = prepare_inputs(cfg)
-    cfg.data.source = "files"  # type: ignore[assignment]
-    cfg.data.events_path, cfg.data.impressions_path = events_path, impressions_path
-    encoded = run_encode_local(cfg, device=device)
+    encoded = run_encode_local(cfg, device=device)  # prepares the log once: the samples read the same tables
     init_ray(cfg)
     samples = build_configured_samples(cfg)
 

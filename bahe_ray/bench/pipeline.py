@@ -14,18 +14,18 @@ from bahe_ray.runtime import environment, init_ray
 
 def bench_pipeline(cfg: Config, source: str, events: int, workdir: str | Path) -> Result:
     """The Ray Data encode job (`run_encode`, local Ray) against the same job in this process
-    without Ray (`run_encode_local`: read, validate, dedup, encode in calls of encoder.batch_size,
-    write parts, commit)."""
-    from bahe_ray.encode import prepare_inputs, run_encode, run_encode_local
+    without Ray (`run_encode_local`: dedup, encode in calls of encoder.batch_size, write parts,
+    commit), both on inputs prepared (read, validated) once before either is timed."""
+    from bahe_ray.data.prepare import prepare_inputs
+    from bahe_ray.encode import run_encode, run_encode_local
 
     work = Path(workdir)
     cfg = cfg.model_copy(deep=True)
     cfg.data.source = source  # type: ignore[assignment]
     cfg.data.synthetic.n_events = events
     cfg.data.prepared_path = str(work / "data")
-    events_path, impressions_path, _ = prepare_inputs(cfg)
-    cfg.data.source, cfg.data.events_path, cfg.data.impressions_path = "files", events_path, impressions_path
     cfg.store.path, cfg.rejects_path = str(work / "ray-store"), str(work / "rejects")
+    prepare_inputs(cfg, use_ray=False)
     init_ray(cfg)
     summary = run_encode(cfg)
 

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, Qwen2Config
 
 from bahe_ray.bench import random_store
 from bahe_ray.checkpoint import CheckpointMeta, load_checkpoint, load_weights, save_checkpoint
-from bahe_ray.config import ModelConfig, TrainConfig, load_config
+from bahe_ray.config import Config, ModelConfig, TrainConfig, load_config, with_overrides
 from bahe_ray.features import (
     MissingVectorsError,
     ModelBatch,
@@ -30,12 +30,14 @@ from bahe_ray.features import (
 )
 from bahe_ray.models.backbone import backbone_from_config
 from bahe_ray.models.ctr import BaheCTR, IdCTR, TokenCTR
+from bahe_ray.samples import read_split_table
 from bahe_ray.train import (
     BatchInputs,
     DeviceTable,
     TableSource,
     TrainStep,
     device_table,
+    fit,
     initial_model,
     make_optimizer,
     training_inputs,
@@ -300,6 +302,19 @@ def test_a_bahe_step_on_device_table_rows_equals_one_on_host_vectors(store) -> N
     assert torch.equal(loss_a, loss_b)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_training_on_the_device_table_gives_the_host_paths_metrics(ml: Config) -> None:
+    """The whole loop (training and validation batches) with the store's table resident (here on the CPU):
+    the epoch's loss and validation metrics of the host path."""
+    train_rows = read_split_table(ml.samples.path, "train", ml.storage)
+    val_rows = read_split_table(ml.samples.path, "val", ml.storage)
+    runs = []
+    for budget in (0.0, 1.0):
+        cfg = with_overrides(ml, [f"train.device_table_gb={budget}", "train.max_epochs=1"])
+        [epoch] = fit(cfg, "bahe", TableSource(train_rows, 32, seed=7), TableSource(val_rows, 128)).history
+        runs.append({key: epoch[key] for key in ("train_loss", "train_samples", "val_auc", "val_logloss", "val_gauc")})
+    assert runs[1] == pytest.approx(runs[0], abs=1e-6)
 
 
 @pytest.mark.gpu

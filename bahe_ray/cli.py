@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bahe_ray.config import Config, dump_config, load_config
-from bahe_ray.runtime import init_ray, setup_logging
+from bahe_ray.runtime import init_ray, ray_logs_note, setup_logging
 
 log = logging.getLogger("bahe")
 
@@ -172,7 +172,8 @@ def cmd_show_config(cfg: Config, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bahe", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own output on the terminal (default: its session log folder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn: Callable[[Config, argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -221,13 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose)  # the terminal gets our lines; Ray's own output its session log folder
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, OSError) as err:
         print(f"bahe: bad configuration: {err}", file=sys.stderr)
         return 2
-    return args.fn(cfg, args)
+    try:
+        return args.fn(cfg, args)
+    finally:
+        note = ray_logs_note()  # the last line: where Ray's own logs went (also after a failure)
+        if note:
+            print(note, flush=True)
 
 
 if __name__ == "__main__":

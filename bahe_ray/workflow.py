@@ -66,11 +66,20 @@ class DemoSummary:
         return "\n".join(lines)
 
 
+DEMO_STEPS = ("encode", "samples", "train bahe", "train id", "evaluate", "serve")
+
+
 def timed(summary: DemoSummary, name: str, fn: Callable[[], _T]) -> _T:
-    log.info("demo step: %s", name)
+    """One demo step between a start line and an end line on the terminal."""
+    from bahe_ray.runtime import route_ray_logs
+
+    step = f"[{DEMO_STEPS.index(name) + 1}/{len(DEMO_STEPS)}] {name}" if name in DEMO_STEPS else name
+    log.info("demo %s ...", step)
+    route_ray_logs()  # Ray libraries imported by the previous step keep their notes off the terminal
     start = time.time()
     result = fn()
     summary.steps[name] = time.time() - start
+    log.info("demo %s: done in %.0f s", step, summary.steps[name])
     return result
 
 
@@ -98,8 +107,10 @@ def demo_request(cfg: Config, store: EmbeddingStore) -> tuple[dict[str, Any], di
 
 def score_over_http(cfg: Config, body: dict[str, Any]) -> dict[str, Any]:
     """Start the scorer app on cfg.serve.host:port, POST one request, shut Serve down."""
+    from bahe_ray.runtime import route_ray_logs
     from bahe_ray.serve import running_scorer
 
+    route_ray_logs()  # `ray.serve` set up its driver logger on import: its notes go to the log file
     with running_scorer(cfg) as url:
         response = httpx.post(f"{url}/v1/score", json=body, timeout=300)
         response.raise_for_status()

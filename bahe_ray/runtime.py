@@ -44,7 +44,8 @@ _ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|Traceback \(most recent ca
 _CPP_LINE = re.compile(r"^\[\d{4}-[^\]]* ([A-Z]) \d+ \d+\]")
 # From raylet, GCS, autoscaler: killed workers, memory, and the autoscaler's "Error: ..." events
 # (e.g. a resource request no node can fulfil: why a step would wait forever).
-_PUSHED_NOTE = re.compile(r"^\s*warning\b|will be retried", re.IGNORECASE)
+_PUSHED_WARNING = re.compile(r"\s*warning\b", re.IGNORECASE)
+_RETRY_NOTE = re.compile(r"will be retried")  # e.g. Serve's controller at shutdown, "killed by `ray.kill`"
 _SYSTEM_ALERT = re.compile(r"\bkilled\b|\b(low on|out of) memory\b|^Error:", re.IGNORECASE)
 
 
@@ -94,10 +95,13 @@ class _SessionLogHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.path: Path | None = None
         self._file: logging.FileHandler | None = None
         self._held: list[logging.LogRecord] = []
+
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        """Kept as is: ray.init re-formats every handler of the "ray" logger, this one included."""
 
     def open(self, folder: Path) -> None:
         if self._file is not None and self.path is not None and self.path.parent == folder:
@@ -206,7 +210,7 @@ def _filter_forwarded_lines() -> None:
         system_process = not str(data.get("pid", "")).isdigit()  # raylet, gcs_server, autoscaler
         for i, line in enumerate(lines):
             if RAY_TQDM_MAGIC not in line and _starts_error_report(line, system_process):
-                return [line for line in lines[i:] if RAY_TQDM_MAGIC not in line]
+                return [line for line in lines[i:] if line.strip() and RAY_TQDM_MAGIC not in line]
         return []
 
     def filtered(data: dict[str, Any]) -> None:
@@ -230,7 +234,7 @@ def _filter_forwarded_lines() -> None:
 
     def pushed_filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         lines = [line for line in data.get("lines") or []
-                 if not _PUSHED_NOTE.search(line) or _SYSTEM_ALERT.search(line)]
+                 if not _RETRY_NOTE.search(line) and (not _PUSHED_WARNING.match(line) or _SYSTEM_ALERT.search(line))]
         if lines:
             pushed({**data, "lines": lines}, *args, **kwargs)
 

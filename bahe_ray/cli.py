@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bahe_ray.config import Config, dump_config, load_config
-from bahe_ray.runtime import init_ray, ray_logs_note, setup_logging
+from bahe_ray.logs import ray_logs_note, setup_logging
+from bahe_ray.runtime import init_ray
 
 log = logging.getLogger("bahe")
 

@@ -71,7 +71,7 @@ DEMO_STEPS = ("encode", "samples", "train bahe", "train id", "evaluate", "serve"
 
 def timed(summary: DemoSummary, name: str, fn: Callable[[], _T]) -> _T:
     """One demo step between a start line and an end line on the terminal."""
-    from bahe_ray.runtime import route_ray_logs
+    from bahe_ray.logs import route_ray_logs
 
     step = f"[{DEMO_STEPS.index(name) + 1}/{len(DEMO_STEPS)}] {name}" if name in DEMO_STEPS else name
     log.info("demo %s ...", step)
@@ -107,7 +107,7 @@ def demo_request(cfg: Config, store: EmbeddingStore) -> tuple[dict[str, Any], di
 
 def score_over_http(cfg: Config, body: dict[str, Any]) -> dict[str, Any]:
     """Start the scorer app on cfg.serve.host:port, POST one request, shut Serve down."""
-    from bahe_ray.runtime import route_ray_logs
+    from bahe_ray.logs import route_ray_logs
     from bahe_ray.serve import running_scorer
 
     route_ray_logs()  # `ray.serve` set up its driver logger on import: its notes go to the log file

@@ -7,7 +7,7 @@ import sys
 
 from bahe_ray.bench.cli import main
 from bahe_ray.config import load_config
-from bahe_ray.runtime import setup_logging
+from bahe_ray.logs import setup_logging
 
 
 def run(argv: list[str]) -> int:

@@ -17,7 +17,8 @@ from typing import Any
 
 from bahe_ray.config import load_config
 from bahe_ray.features import MODEL_KINDS, ModelKind
-from bahe_ray.runtime import init_ray, setup_logging
+from bahe_ray.logs import setup_logging
+from bahe_ray.runtime import init_ray
 from bahe_ray.train.ray_run import train_ray
 from bahe_ray.train.report import json_safe
 from bahe_ray.train.runs import train_local

@@ -1,4 +1,5 @@
-"""CTR models: BAHE, the token-level LLM-CTR baseline, and a plain ID-embedding baseline.
+"""CTR models: BAHE (text only, or hybrid with ID features), the token-level LLM-CTR baseline, and a plain
+ID-embedding baseline.
 
 Each maps a batch dict of tensors to logits (B,) and ends in the same `CTRHead`, an MLP over
 concat(F user-field vectors, item vector). B samples, F behaviour fields:
@@ -13,6 +14,8 @@ concat(F user-field vectors, item vector). B samples, F behaviour fields:
   TokenCTR  hist_input_ids (B, F, T) long, hist_attention_mask (B, F, T)   see features.token_batch
             item_input_ids (B, Ti) long, item_attention_mask (B, Ti)
   IdCTR     hist_ids (B, F, N) int64 atom ids, hist_mask (B, F, N) bool, item_ids (B,) int64
+  BaheHybridCTR  BaheCTR's tensors plus IdCTR's prefixed id_ (id_hist_ids, id_hist_mask, id_item_ids)
+  (DinCTR, the DIN baseline in `bahe_ray.models.din`, takes IdCTR's tensors.)
 
 Per field, a masked mean over real positions; a field without behaviours gives a zero vector.
 ModelConfig.trainable applies to the transformer layers a model runs (BAHE: k..L-1 and the
@@ -44,10 +47,10 @@ class CTRHead(nn.Module):
         layers.append(nn.Linear(in_dim, 1))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, users: Tensor, item: Tensor) -> Tensor:
-        """users (B, F, d), item (B, d) -> logits (B,)."""
-        x = torch.cat([users.flatten(1), item], dim=1)
-        return self.mlp(x.to(self.mlp[0].weight.dtype)).squeeze(-1)
+    def forward(self, *parts: Tensor) -> Tensor:
+        """users (B, F, d), item (B, d) (and for the hybrid the ID features) -> logits (B,)."""
+        x = torch.cat([part.flatten(1).to(self.mlp[0].weight.dtype) for part in parts], dim=1)
+        return self.mlp(x).squeeze(-1)
 
 
 def configure_trainable(backbone: Backbone, cfg: ModelConfig) -> None:
@@ -123,23 +126,52 @@ class BaheCTR(_BackboneCTR):
             x = x + self.positions(positions).to(x.dtype)
         return pool_hidden(self.deep(x, mask, positions, padded), mask, "mean")
 
+    def item_states(self, items: Tensor) -> Tensor:
+        """Item vectors (B, d) -> what the head reads of each item (B, d) float32: the vector through
+        the upper layers as a length-1 sequence. Depends on the item's vector only (the scorer caches it)."""
+        mask = torch.ones(items.shape[0], 1, dtype=torch.bool, device=items.device)
+        return self.aggregate(items.to(self.backbone.dtype)[:, None, :], mask)
+
+    def user_states(self, hist: Tensor, mask: Tensor, fields: Tensor, padded: bool | None = None) -> Tensor:
+        """Histories (S, N, d) with masks (S, N), sequence s of field `fields[s]` -> what the head reads of
+        each (S, d) float32. Depends on the field and the history only (the scorer caches it)."""
+        x = hist.to(self.backbone.dtype)
+        if self.field_embedding is not None:
+            x = x + self.field_embedding.to(x.dtype)[fields][:, None, :]
+        return self.aggregate(x, mask, padded)
+
     def forward(self, batch: dict[str, Tensor], padded: bool | None = None) -> Tensor:
         """Logits (B,). `padded`: whether hist_mask has padding, if the caller knows (True is always
         correct, False a promise); None checks the mask, which waits for the GPU."""
+        return self.head(*self.features(batch, padded))
+
+    def features(self, batch: dict[str, Tensor], padded: bool | None = None) -> tuple[Tensor, Tensor]:
+        """(users (B, F, d), item (B, d)): the aggregated field vectors and the item vector."""
         hist, mask = batch["hist"], batch["hist_mask"].bool()
         b, f, n, d = hist.shape
-        dtype = self.backbone.dtype
-        items = batch["item"]
-        item_mask = torch.ones(items.shape[0], 1, dtype=torch.bool, device=items.device)
-        item = self.aggregate(items.to(dtype)[:, None, :], item_mask)  # first: see _BackboneCTR
-        x = hist.to(dtype).reshape(b * f, n, d)
-        fields = self.field_rows(b, dtype)
-        if fields is not None:
-            x = x + fields
-        users = self.aggregate(x, mask.reshape(b * f, n), padded).view(b, f, d)
+        item = self.item_states(batch["item"])  # first: see _BackboneCTR
+        fields = torch.arange(f, device=hist.device).repeat(b)  # row b*F + f is field f
+        users = self.user_states(hist.reshape(b * f, n, d), mask.reshape(b * f, n), fields, padded).view(b, f, d)
         if "user_index" in batch:  # several samples share one history row
             users = users[batch["user_index"]]
-        return self.head(users, item)
+        return users, item
+
+
+class BaheHybridCTR(BaheCTR):
+    """BAHE plus collaborative features: ID embeddings of the item and of the history (masked mean per field,
+    as `IdCTR`) beside the text vectors into the head. Batches carry IdCTR's tensors with an `id_` prefix
+    (`features.hybrid_batch`)."""
+
+    def __init__(self, backbone: Backbone, k: int, n_fields: int, cfg: ModelConfig) -> None:
+        super().__init__(backbone, k, n_fields, cfg)
+        e = cfg.id_embedding_dim
+        self.ids = IdFeatures(cfg.id_buckets, e)
+        self.head = CTRHead((n_fields + 1) * (backbone.hidden_size + e), cfg.head_hidden, cfg.dropout)
+
+    def forward(self, batch: dict[str, Tensor], padded: bool | None = None) -> Tensor:
+        users, item = self.features(batch, padded)
+        id_users, id_item = self.ids(batch["id_hist_ids"], batch["id_hist_mask"], batch["id_item_ids"])
+        return self.head(users, item, id_users, id_item)
 
 
 class TokenCTR(_BackboneCTR):
@@ -172,20 +204,34 @@ class TokenCTR(_BackboneCTR):
         return self.head(users, item)
 
 
+class IdFeatures(nn.Module):
+    """Hashed atom ids -> embeddings; `forward` pools each field's history by a masked mean."""
+
+    def __init__(self, num_buckets: int, dim: int) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.embedding = nn.Embedding(num_buckets, dim)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def embed(self, hist_ids: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(history embeddings (B, F, N, e), item embeddings (B, e))."""
+        return self.embedding(hist_ids.remainder(self.num_buckets)), self.embedding(item_ids.remainder(self.num_buckets))
+
+    def forward(self, hist_ids: Tensor, hist_mask: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(users (B, F, e): masked mean per field, item (B, e))."""
+        hist, item = self.embed(hist_ids, item_ids)
+        b, f, n, e = hist.shape
+        users = pool_hidden(hist.view(b * f, n, e), hist_mask.bool().reshape(b * f, n), "mean").view(b, f, e)
+        return users, item
+
+
 class IdCTR(nn.Module):
     """Plain ID-embedding baseline: hashed atom ids -> embeddings, masked mean per field, same head."""
 
     def __init__(self, n_fields: int, cfg: ModelConfig, num_buckets: int = 1 << 18) -> None:
         super().__init__()
-        self.num_buckets = num_buckets
-        self.embedding = nn.Embedding(num_buckets, cfg.id_embedding_dim)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.ids = IdFeatures(num_buckets, cfg.id_embedding_dim)
         self.head = CTRHead((n_fields + 1) * cfg.id_embedding_dim, cfg.head_hidden, cfg.dropout)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        ids, mask = batch["hist_ids"], batch["hist_mask"].bool()
-        b, f, n = ids.shape
-        hist = self.embedding(ids.remainder(self.num_buckets)).view(b * f, n, -1)
-        users = pool_hidden(hist, mask.reshape(b * f, n), "mean").view(b, f, -1)
-        item = self.embedding(batch["item_ids"].remainder(self.num_buckets))
-        return self.head(users, item)
+        return self.head(*self.ids(batch["hist_ids"], batch["hist_mask"], batch["item_ids"]))

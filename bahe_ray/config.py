@@ -179,6 +179,20 @@ class TrainConfig(_Section):
         return self
 
 
+class ServeAutoscaling(_Section):
+    """Serve's autoscaling of the Scorer: replicas between the bounds, aiming at `target_ongoing_requests` each."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling.min_replicas: {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
 class ServeConfig(_Section):
     """Ray Serve scorer settings and request limits."""
 
@@ -190,8 +204,23 @@ class ServeConfig(_Section):
     max_text_chars: int = Field(2_000, ge=1)
     max_request_bytes: int = Field(2_000_000, ge=1)
     encoder_cache_size: int = Field(100_000, ge=0)
-    batch_max_size: int = Field(16, ge=1)
+    batch_max_size: int = Field(16, ge=1)  # requests per model call (@serve.batch)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # State caches of the Scorer (serve/cache.py), in entries of `dim` floats on the model's device; 0: off.
+    item_cache_size: int = Field(100_000, ge=0)  # items' upper-layer outputs
+    user_cache_size: int = Field(50_000, ge=0)  # (field, history) pooled vectors
+    warm_items: bool = False  # at load: fill the item cache from the store's atoms (up to item_cache_size)
+    store_refresh_s: float = Field(5.0, ge=0)  # check for a newer store version at most this often; 0: never
+    # Where and how the Scorer runs (Serve's own options; a Serve config's deployment entry overrides them).
+    use_gpu: bool = False  # Scorer on CUDA; the AtomEncoder too when encoder_gpus > 0
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU (as training), fp32 on CPU
+    scorer_cpus: float = Field(1.0, gt=0)
+    scorer_gpus: float = Field(1.0, gt=0, le=1)  # GPU share per Scorer replica, with use_gpu
+    encoder_gpus: float = Field(0.0, ge=0, le=1)  # GPU share of the AtomEncoder, with use_gpu (0: CPU)
+    replicas: int = Field(1, ge=1)  # Scorer replicas, unless autoscaling
+    autoscaling: ServeAutoscaling | None = None
+    max_ongoing_requests: int = Field(32, ge=1)  # per Scorer replica
+    max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it 503 + Retry-After (-1: unbounded)
 
 
 class RayConfig(_Section):

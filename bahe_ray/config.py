@@ -59,6 +59,14 @@ class DataConfig(_Section):
     max_text_chars: int = Field(2_000, ge=1)  # longer behaviour texts are rejected
 
 
+# vllm.LLM arguments that VLLMEncoder derives from the other encoder fields or the vllm_* ones.
+VLLM_ARGS_SET_BY_ENCODER = {
+    "model", "runner", "dtype", "tensor_parallel_size", "distributed_executor_backend", "max_model_len",
+    "kv_cache_memory_bytes", "pooler_config", "trust_remote_code", "enforce_eager", "max_num_batched_tokens",
+    "max_num_seqs", "enable_chunked_prefill", "enable_prefix_caching", "disable_log_stats",
+}
+
+
 class EncoderConfig(_Section):
     """The frozen shallow encoder: the first k layers of a pretrained checkpoint."""
 
@@ -78,11 +86,21 @@ class EncoderConfig(_Section):
     num_cpus_per_actor: float = Field(1.0, gt=0)
     tensor_parallel_size: int = Field(1, ge=1)  # GPUs of one node per vLLM engine, all held by its actor
     cache_dir: str = "outputs/cache/encoders"  # truncated checkpoints (vLLM backend), local or s3://
+    # vLLM engine arguments (None: the backend's defaults; docs/vllm.md says what they are and why).
+    vllm_max_num_batched_tokens: int | None = Field(None, ge=1)  # tokens per engine step
+    vllm_max_num_seqs: int | None = Field(None, ge=1)  # prompts per engine step
+    vllm_enforce_eager: bool | None = None  # None: eager on CPU, compiled with CUDA graphs on GPU
+    vllm_chunked_prefill: bool | None = None  # None: vLLM's choice for pooling models
+    vllm_prefix_caching: bool | None = None  # None: vLLM's default (on); atoms rarely share a prefix
+    vllm_engine_args: dict[str, int | float | bool | str] = {}  # any other vllm.LLM argument, passed as given
 
     @model_validator(mode="after")
     def _check(self) -> EncoderConfig:
         if self.compile and self.backend == "vllm":
             raise ValueError("encoder.compile applies to the transformers backend; vLLM compiles its own graphs")
+        reserved = sorted(set(self.vllm_engine_args) & VLLM_ARGS_SET_BY_ENCODER)
+        if reserved:
+            raise ValueError(f"encoder.vllm_engine_args: {reserved} are set by the encoder from its other fields")
         if self.tensor_parallel_size > 1:
             if self.backend == "transformers":
                 raise ValueError("encoder.tensor_parallel_size > 1 needs encoder.backend 'vllm' (or 'auto')")

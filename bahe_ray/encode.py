@@ -29,7 +29,7 @@ from bahe_ray.config import Config, EncoderConfig, StorageConfig
 from bahe_ray.data.prepare import PreparedInputs, new_run_id, prepare_inputs, prepared_dataset, prepared_table
 from bahe_ray.data.readers import BATCH_ROWS
 from bahe_ray.data.schema import EVENTS, IMPRESSIONS, TableKind
-from bahe_ray.encoders import build_encoder, encoder_fingerprint
+from bahe_ray.encoders import choose_encoder, encoder_fingerprint
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.runtime import default_device
 from bahe_ray.store import EmbeddingStore, PartWriter
@@ -62,6 +62,7 @@ class EncodeSummary:
     store_version: int = 0
     store_atoms: int = 0
     fingerprint_id: str = ""
+    backends: list[str] = field(default_factory=list)  # each backend the encoders ran on, and why
     seconds: float = 0.0
 
     @property
@@ -82,6 +83,7 @@ class EncodeSummary:
             f"  hash collisions    {self.collisions:>12,}",
             f"  store              v{self.store_version}, {self.store_atoms:,} atoms",
         ]
+        lines += [f"  encoder backend    {backend}" for backend in self.backends]
         lines += [f"  rejected  {count:>8,}  {reason}" for reason, count in self.rejects.items()]
         if self.rejects:
             lines.append(f"  rejected rows in   {self.rejects_dir}")
@@ -152,7 +154,7 @@ class EncodeAndWrite:
     """
 
     def __init__(self, encoder_cfg: EncoderConfig, writer: PartWriter, storage: StorageConfig) -> None:
-        self.encoder = build_encoder(encoder_cfg, device=actor_device(encoder_cfg), storage=storage)
+        self.encoder, self.backend = choose_encoder(encoder_cfg, device=actor_device(encoder_cfg), storage=storage)
         self.writer = writer
 
     def __call__(self, batch: pa.Table) -> dict[str, list[Any]]:
@@ -160,7 +162,8 @@ class EncodeAndWrite:
         texts = batch.column("text").to_pylist()
         vectors = self.encoder.encode(texts)
         part = self.writer.write_part(ids, vectors, texts)
-        return {"part": [json.dumps(part.to_dict())]}  # JSON text: one plain column per part
+        # JSON text: one plain column per part
+        return {"part": [json.dumps(part.to_dict())], "backend": [str(self.backend)]}
 
 
 def actor_device(cfg: EncoderConfig) -> str:
@@ -190,7 +193,7 @@ def run_encode(cfg: Config) -> EncodeSummary:
     log.info("unique atoms %d, new %d: encoding with %d actor(s)", summary.unique_atoms, summary.new_atoms,
              cfg.encoder.num_actors)
     if summary.new_atoms:
-        summary.encoded = encode_into_store(new_atoms, cfg, store)
+        summary.encoded, summary.backends = encode_into_store(new_atoms, cfg, store)
     summary.store_version = store.version
     summary.store_atoms = store.num_atoms
     summary.seconds = round(time.time() - start, 2)
@@ -230,7 +233,8 @@ def run_encode_local(cfg: Config, device: str | None = None) -> EncodeSummary:
     store = open_store(cfg, device, summary)
     new_atoms = MissingFilter(store.ids())(atoms)
     summary.new_atoms = new_atoms.num_rows
-    encoder = build_encoder(cfg.encoder, device=device, storage=cfg.storage)
+    encoder, backend = choose_encoder(cfg.encoder, device=device, storage=cfg.storage)
+    summary.backends = [str(backend)]
     step = cfg.encoder.batch_size
     for offset in tqdm(range(0, new_atoms.num_rows, step), desc="encode", unit="batch"):
         batch = new_atoms.slice(offset, step)
@@ -244,8 +248,9 @@ def run_encode_local(cfg: Config, device: str | None = None) -> EncodeSummary:
     return summary
 
 
-def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStore) -> int:
-    """Encode `atoms` (atom_id, text) with the actor pool; commit parts as they arrive.
+def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStore) -> tuple[int, list[str]]:
+    """Encode `atoms` (atom_id, text) with the actor pool; commit parts as they arrive. Returns the atoms
+    added and the backends the actors ran on, with the reason (`encoder.backend: auto` may differ by node).
 
     An actor that dies (killed, OOM, node lost) is restarted and its in-flight batches are
     retried on it (up to MAX_BATCH_RETRIES times each, so a batch that kills every actor it
@@ -269,11 +274,13 @@ def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStor
     )
     pending: list[Any] = []
     encoded = 0
+    backends: set[str] = set()
     for row in parts.iter_rows():
+        backends.add(row["backend"])
         pending.append(json.loads(row["part"]))
         if len(pending) >= cfg.store.commit_every_parts:
             encoded += store.commit(pending).added
             pending = []
     if pending:
         encoded += store.commit(pending).added
-    return encoded
+    return encoded, sorted(backends)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -12,8 +14,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
 from bahe_ray.config import MINILM, EncoderConfig
-from bahe_ray.encoders import build_encoder, encoder_fingerprint
+from bahe_ray.encoders import build_encoder, choose_encoder, encoder_fingerprint
+from bahe_ray.encoders.base import BackendChoice
 from bahe_ray.encoders.hf import TransformersEncoder, length_batches
+from bahe_ray.encoders.select import calibration_key, calibration_texts, decide, key_id, read_table, record
 from bahe_ray.encoders.truncate import write_truncated_checkpoint
 from bahe_ray.models.registry import resolve_model_path
 
@@ -99,9 +103,74 @@ def test_missing_model_names_the_setting(tmp_path: Path) -> None:
         resolve_model_path(str(tmp_path / "nope"))
 
 
-def test_build_encoder_picks_transformers_without_gpu(tiny_llama: Path) -> None:
-    encoder = build_encoder(EncoderConfig(model=str(tiny_llama), k=1, backend="auto"))
-    assert isinstance(encoder, TransformersEncoder)
+def test_auto_picks_transformers_without_gpu(tiny_llama: Path) -> None:
+    encoder, choice = choose_encoder(EncoderConfig(model=str(tiny_llama), k=1, backend="auto"), "cpu")
+    assert isinstance(encoder, TransformersEncoder) and choice == BackendChoice("transformers", "no GPU")
+    assert isinstance(build_encoder(EncoderConfig(model=str(tiny_llama), k=1, backend="auto"), "cpu"), TransformersEncoder)
+
+
+def test_auto_decides_by_the_measured_rates() -> None:
+    assert decide("cuda", True, {"transformers": 15_000.0, "vllm": 31_000.0}, "table").backend == "vllm"
+    slower = decide("cuda", True, {"transformers": 15_000.0, "vllm": 3_000.0}, "measured")
+    assert slower.backend == "transformers" and "15,000" in slower.reason and "3,000" in slower.reason
+    assert decide("cuda", True, {"transformers": 5.0, "vllm": 5.0}).backend == "transformers"  # a tie: no engine
+    assert decide("cuda", False, None) == BackendChoice("transformers", "no CUDA build of vLLM installed")
+    assert decide("cpu", True, {"transformers": 1.0, "vllm": 9.0}).backend == "transformers"
+    with pytest.raises(ValueError, match="both backends"):
+        decide("cuda", True, {"vllm": 9.0})
+
+
+def test_calibration_table_is_keyed_by_shape_and_settings_not_weights(tmp_path: Path) -> None:
+    """Two random-weight checkpoints of one shape share a key; k, an engine setting or the shape change it;
+    a recorded measurement reads back (and an unreadable table reads as empty: measured again)."""
+    from tiny_models import build_tiny_model
+
+    a, b = build_tiny_model(tmp_path / "a", "qwen2", seed=0), build_tiny_model(tmp_path / "b", "qwen2", seed=1)
+    cfg = EncoderConfig(model=str(a), k=2, cache_dir=str(tmp_path / "cache"))
+    key = calibration_key(cfg, "cpu")
+    assert key_id(calibration_key(cfg.model_copy(update={"model": str(b)}), "cpu")) == key_id(key)
+    for update in ({"k": 1}, {"vllm_max_num_seqs": 64}, {"model": str(build_tiny_model(tmp_path / "l", "llama"))}):
+        assert key_id(calibration_key(cfg.model_copy(update=update), "cpu")) != key_id(key), update
+    assert read_table(cfg) == {}
+    record(cfg, key, {"transformers": 10.0, "vllm": 20.0})
+    entry = read_table(cfg)[key_id(key)]
+    assert entry["atoms_per_s"] == {"transformers": 10.0, "vllm": 20.0} and entry["key"]["shape"]["hidden_size"] == 128
+    (tmp_path / "cache" / "calibration.json").write_text("{not json")
+    assert read_table(cfg) == {}
+
+
+def test_calibration_texts_are_distinct_and_behaviour_sized() -> None:
+    texts = calibration_texts(200, 64)
+    assert len(set(texts)) == 200 and all(len(t.split()) == 16 for t in texts)
+    assert texts == calibration_texts(200, 64) != calibration_texts(200, 64, seed=1)
+
+
+def test_vllm_engine_arguments_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder's vllm_* fields reach the engine; eager on CPU, CUDA graphs on a GPU unless set; on a GPU
+    without flashinfer the sampler is switched off before vLLM starts, and the engine stays in-process."""
+    from bahe_ray.encoders.vllm import engine_arguments, engine_environment
+
+    assert engine_arguments(EncoderConfig(), "cpu") == {"enforce_eager": True}
+    assert engine_arguments(EncoderConfig(), "cuda") == {"enforce_eager": False}
+    cfg = EncoderConfig(vllm_max_num_batched_tokens=65536, vllm_max_num_seqs=2048, vllm_enforce_eager=True,
+                        vllm_chunked_prefill=False, vllm_prefix_caching=False,
+                        vllm_engine_args={"async_scheduling": True})
+    assert engine_arguments(cfg, "cuda") == {
+        "enforce_eager": True, "max_num_batched_tokens": 65536, "max_num_seqs": 2048,
+        "enable_chunked_prefill": False, "enable_prefix_caching": False, "async_scheduling": True,
+    }
+    with pytest.raises(ValueError, match="vllm_engine_args.*max_model_len"):
+        EncoderConfig(vllm_engine_args={"max_model_len": 8})
+    for name in ("VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(name, raising=False)
+    engine_environment("cpu")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "VLLM_USE_FLASHINFER_SAMPLER" not in os.environ
+    engine_environment("cuda")
+    has_flashinfer = importlib.util.find_spec("flashinfer") is not None
+    assert os.environ.get("VLLM_USE_FLASHINFER_SAMPLER") == (None if has_flashinfer else "0")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine_environment("cuda")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # the user's own setting wins
 
 
 @pytest.mark.parametrize("model", ["tiny_qwen2", "minilm_path"])

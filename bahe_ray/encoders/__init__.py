@@ -7,10 +7,8 @@ same model, k, pooling, dtype and max_tokens are interchangeable whichever backe
 
 from __future__ import annotations
 
-import importlib.util
-
 from bahe_ray.config import EncoderConfig, StorageConfig
-from bahe_ray.encoders.base import EncoderFingerprint, ShallowEncoder
+from bahe_ray.encoders.base import BackendChoice, EncoderFingerprint, ShallowEncoder
 from bahe_ray.models.registry import model_name, resolve_model_path, weights_sha256
 from bahe_ray.runtime import default_device, default_dtype
 
@@ -38,21 +36,29 @@ def encoder_fingerprint(cfg: EncoderConfig, device: str) -> EncoderFingerprint:
 def build_encoder(
     cfg: EncoderConfig, device: str | None = None, storage: StorageConfig | None = None
 ) -> ShallowEncoder:
-    """The encoder `cfg.backend` asks for; "auto" takes vLLM when it is importable and the device is a GPU.
+    """The encoder `cfg.backend` asks for ("auto": see `choose_encoder`).
 
     `device` defaults to this process's best; the encode job's actors pass the device the
     driver's fingerprint names. `storage` reaches an s3:// `cfg.cache_dir` (vLLM's truncated
-    checkpoints).
+    checkpoints, the calibration table).
     """
+    return choose_encoder(cfg, device, storage)[0]
+
+
+def choose_encoder(
+    cfg: EncoderConfig, device: str | None = None, storage: StorageConfig | None = None
+) -> tuple[ShallowEncoder, BackendChoice]:
+    """The encoder and the backend it runs on, with the reason: as configured, or for "auto" the faster
+    backend measured on this hardware (`select.auto_encoder`; transformers without a GPU)."""
     device = device or default_device()
-    backend = cfg.backend
-    if backend == "auto":
-        has_vllm = importlib.util.find_spec("vllm") is not None
-        backend = "vllm" if has_vllm and device == "cuda" else "transformers"
-    if backend == "vllm":
+    if cfg.backend == "auto":
+        from bahe_ray.encoders.select import auto_encoder
+
+        return auto_encoder(cfg, device, storage)
+    if cfg.backend == "vllm":
         from bahe_ray.encoders.vllm import VLLMEncoder
 
-        return VLLMEncoder(cfg, device=device, storage=storage)
+        return VLLMEncoder(cfg, device=device, storage=storage), BackendChoice("vllm", "configured")
     from bahe_ray.encoders.hf import TransformersEncoder
 
-    return TransformersEncoder(cfg, device=device)
+    return TransformersEncoder(cfg, device=device), BackendChoice("transformers", "configured")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -31,6 +32,17 @@ class EncoderFingerprint(BaseModel):
         """A short stable digest of all fields, used to tag stores and checkpoints."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend an encoder runs on and why (shown in the encode run's summary)."""
+
+    backend: str  # "transformers" | "vllm"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.backend} ({self.reason})"
 
 
 class FingerprintMismatchError(ValueError):

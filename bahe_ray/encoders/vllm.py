@@ -11,8 +11,9 @@ own truncation may keep the other side), and pooling is unnormalised (`use_activ
 In Ray Data each encoder actor holds one engine, run inside the actor's process (vLLM's
 VLLM_ENABLE_V1_MULTIPROCESSING=0 unless the environment says otherwise): the engine then dies
 with its actor, which Ray restarts and whose batches it retries, whereas an engine subprocess
-that dies mid-call leaves `LLM.embed` waiting forever (vLLM 0.32); it also starts ~4x faster on
-CPU. With tensor_parallel_size > 1 the actor holds that many GPUs (Ray gives one actor's GPUs
+that dies mid-call leaves `LLM.embed` waiting forever (vLLM 0.32), and on a GPU (vLLM 0.25.1)
+makes every process abort at exit; it also starts ~4x faster on CPU. `engine_environment` sets
+this, and what a GPU node without flashinfer needs, before vLLM is imported. With tensor_parallel_size > 1 the actor holds that many GPUs (Ray gives one actor's GPUs
 on one node) and vLLM's multiprocessing executor runs a worker per GPU as the actor's child
 processes: vLLM's advice for one node, and no placement groups to leak or clean up (Ray Data
 2.60 calls a `ray_remote_args_fn` once more than it starts actors, so a placement group per call
@@ -21,6 +22,7 @@ would reserve GPUs that no actor uses), and the workers die with their actor.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -41,7 +43,7 @@ from bahe_ray.models.tokens import AtomTokenizer
 from bahe_ray.runtime import default_device
 
 COMPLETE = "_COMPLETE.json"  # written last into a remote cache folder: the files it lists are whole
-KV_CACHE_SEQS = 1024  # sequences of max_model_len the KV cache holds (vLLM's largest default max_num_seqs)
+KV_CACHE_SEQS = 1024  # sequences of max_model_len the KV cache holds at least (vLLM's largest default max_num_seqs)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -87,8 +89,37 @@ def truncated_checkpoint(
     return local
 
 
-def kv_cache_bytes(config: Any, dtype: str, max_model_len: int) -> int:
-    """KV cache for KV_CACHE_SEQS full-length prompts of the truncated model.
+def engine_environment(device: str) -> None:
+    """Set what vLLM reads from the environment at import and engine start (a value already set wins).
+
+    The engine runs in this process (see the module's docstring). vLLM's GPU model runner builds
+    flashinfer's sampler even for pooling models unless VLLM_USE_FLASHINFER_SAMPLER=0, and fails
+    where flashinfer is not installed; pooling samples nothing, so nothing is lost.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if device == "cuda" and importlib.util.find_spec("flashinfer") is None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def engine_arguments(cfg: EncoderConfig, device: str) -> dict[str, Any]:
+    """The scheduling and compilation arguments of the engine: cfg's vllm_* fields, else the defaults
+    for `device` (eager on CPU, where torch.compile adds ~30 s to a start; CUDA graphs on a GPU)."""
+    args: dict[str, Any] = {
+        "enforce_eager": cfg.vllm_enforce_eager if cfg.vllm_enforce_eager is not None else device == "cpu",
+    }
+    if cfg.vllm_max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = cfg.vllm_max_num_batched_tokens
+    if cfg.vllm_max_num_seqs is not None:
+        args["max_num_seqs"] = cfg.vllm_max_num_seqs
+    if cfg.vllm_chunked_prefill is not None:
+        args["enable_chunked_prefill"] = cfg.vllm_chunked_prefill
+    if cfg.vllm_prefix_caching is not None:
+        args["enable_prefix_caching"] = cfg.vllm_prefix_caching
+    return {**args, **cfg.vllm_engine_args}
+
+
+def kv_cache_bytes(config: Any, dtype: str, max_model_len: int, seqs: int = KV_CACHE_SEQS) -> int:
+    """KV cache for `seqs` (at least KV_CACHE_SEQS) full-length prompts of the truncated model.
 
     Set explicitly because vLLM's default reserves a fraction of the whole device (on CPU:
     90% of RAM), where a k-layer encoder of short atoms needs a few hundred MB at most.
@@ -96,7 +127,7 @@ def kv_cache_bytes(config: Any, dtype: str, max_model_len: int) -> int:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * heads * head_dim * _DTYPE_BYTES[dtype]
-    return max(per_token * max_model_len * KV_CACHE_SEQS, 64 << 20)
+    return max(per_token * max_model_len * max(seqs, KV_CACHE_SEQS), 64 << 20)
 
 
 class VLLMEncoder:
@@ -107,16 +138,16 @@ class VLLMEncoder:
     """
 
     def __init__(self, cfg: EncoderConfig, device: str | None = None, storage: StorageConfig | None = None) -> None:
+        self.device = device or default_device()
+        engine_environment(self.device)
         from vllm import LLM
         from vllm.config import PoolerConfig
         from vllm.platforms import current_platform
 
-        self.device = device or default_device()
         engine_device = "cuda" if current_platform.is_cuda_alike() else current_platform.device_type
         if engine_device != self.device:
             raise RuntimeError(f"encoder device {self.device!r}, but the installed vLLM build runs on {engine_device!r}")
         self.fingerprint = encoder_fingerprint(cfg, self.device)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         path = truncated_checkpoint(cfg, self.fingerprint, storage)
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
         self.cfg = cfg
@@ -124,18 +155,21 @@ class VLLMEncoder:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
         self.atoms = AtomTokenizer(tokenizer, cfg.max_tokens)
         max_model_len = min(cfg.max_tokens + 2, config.max_position_embeddings)
+        engine_args = engine_arguments(cfg, self.device)
         self.llm = LLM(
             model=str(path),
             runner="pooling",
             dtype=self.fingerprint.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
-            enforce_eager=self.device == "cpu",  # torch.compile adds ~30 s to a CPU engine start
             max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_cache_bytes(config, self.fingerprint.dtype, max_model_len),
+            kv_cache_memory_bytes=kv_cache_bytes(
+                config, self.fingerprint.dtype, max_model_len, engine_args.get("max_num_seqs", KV_CACHE_SEQS)
+            ),
             pooler_config=PoolerConfig(pooling_type=cfg.pooling.upper(), use_activation=False),
             trust_remote_code=cfg.trust_remote_code,
             disable_log_stats=True,
+            **engine_args,
         )
 
     def encode(self, texts: list[str]) -> np.ndarray:

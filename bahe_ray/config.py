@@ -246,6 +246,9 @@ class RayConfig(_Section):
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)  # local instance only
+    # Where work that asks Ray for GPUs (encoder.num_gpus_per_actor, train.use_gpu) computes: cuda, or cpu on
+    # a rehearsal cluster whose GPUs are logical (cluster/fake.yaml): the requests, placement and scaling stay.
+    gpu_compute: Literal["cuda", "cpu"] = "cuda"
 
 
 class Config(_Section):

@@ -150,11 +150,11 @@ class MissingFilter:
 class EncodeAndWrite:
     """Actor: encode a batch of atom texts and write them as one (uncommitted) store part.
 
-    Built on `actor_device`, the device the driver's fingerprint names, whatever this actor sees.
+    Built on `device` (`actor_device`), the device the driver's fingerprint names, whatever this actor sees.
     """
 
-    def __init__(self, encoder_cfg: EncoderConfig, writer: PartWriter, storage: StorageConfig) -> None:
-        self.encoder, self.backend = choose_encoder(encoder_cfg, device=actor_device(encoder_cfg), storage=storage)
+    def __init__(self, encoder_cfg: EncoderConfig, device: str, writer: PartWriter, storage: StorageConfig) -> None:
+        self.encoder, self.backend = choose_encoder(encoder_cfg, device=device, storage=storage)
         self.writer = writer
 
     def __call__(self, batch: pa.Table) -> dict[str, list[Any]]:
@@ -166,9 +166,9 @@ class EncodeAndWrite:
         return {"part": [json.dumps(part.to_dict())], "backend": [str(self.backend)]}
 
 
-def actor_device(cfg: EncoderConfig) -> str:
-    """Where the encoder actors compute: a GPU when they get one."""
-    return "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+def actor_device(cfg: Config) -> str:
+    """Where the encoder actors compute: a GPU when they get one, unless `ray.gpu_compute` is cpu."""
+    return "cuda" if cfg.encoder.num_gpus_per_actor > 0 and cfg.ray.gpu_compute == "cuda" else "cpu"
 
 
 def run_encode(cfg: Config) -> EncodeSummary:
@@ -186,7 +186,7 @@ def run_encode(cfg: Config) -> EncodeSummary:
     atoms = unique_atom_dataset(events, impressions, partitions).materialize()
     unique = atoms.count()
     count_atoms(summary, prepared, unique, int(atoms.sum("collision") or 0) if unique else 0)
-    store = open_store(cfg, actor_device(cfg.encoder), summary)
+    store = open_store(cfg, actor_device(cfg), summary)
     new_atoms = atoms.map_batches(MissingFilter, fn_constructor_args=(store.ids(),), batch_format="pyarrow",
                                   compute=ActorPoolStrategy(size=1)).materialize()
     summary.new_atoms = new_atoms.count()
@@ -263,7 +263,8 @@ def encode_into_store(atoms: ray.data.Dataset, cfg: Config, store: EmbeddingStor
     enc = cfg.encoder
     parts = atoms.map_batches(
         EncodeAndWrite,
-        fn_constructor_kwargs={"encoder_cfg": enc, "writer": store.part_writer(), "storage": cfg.storage},
+        fn_constructor_kwargs={"encoder_cfg": enc, "device": actor_device(cfg), "writer": store.part_writer(),
+                               "storage": cfg.storage},
         compute=ActorPoolStrategy(size=enc.num_actors),
         batch_size=enc.batch_size,
         batch_format="pyarrow",

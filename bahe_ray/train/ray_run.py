@@ -27,7 +27,7 @@ from bahe_ray.train.loop import EpochCallback, EpochStats, TrainState, run_epoch
 from bahe_ray.train.report import finish_run
 from bahe_ray.train.runs import check_samples, checked_inputs, checkpoint_meta, new_run_name
 from bahe_ray.train.sources import RankRows, ShardSource
-from bahe_ray.train.step import initial_model, make_optimizer
+from bahe_ray.train.step import computes_on_gpu, initial_model, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def train_ray(cfg: Config, command: str = "", *, on_epoch: Sequence[EpochCallbac
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "on_epoch": list(on_epoch)},
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if computes_on_gpu(cfg) else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
@@ -87,7 +87,7 @@ def train_ray(cfg: Config, command: str = "", *, on_epoch: Sequence[EpochCallbac
     best_dir = join(tc.output_dir, "best")
     with best.as_directory() as folder:
         export_checkpoint(folder, best_dir, cfg.storage)
-    device = "cuda" if tc.use_gpu and torch.cuda.is_available() else "cpu"
+    device = "cuda" if computes_on_gpu(cfg) and torch.cuda.is_available() else "cpu"
     return finish_run(cfg, run_name, "ray", state, best_dir, counts, command, device, tc.num_workers)
 
 
@@ -103,7 +103,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     kind, tc = cfg.train.model_kind, cfg.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    device = ray.train.torch.get_device() if computes_on_gpu(cfg) else torch.device("cpu")
     model = initial_model(kind, cfg)
     inputs = checked_inputs(kind, cfg, model)
     state = TrainState()
@@ -112,7 +112,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
         with restored.as_directory() as folder:
             load_weights(folder, model)
             state = TrainState.from_dict(read_meta(folder).train_state or {})
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=device)
     optimizer = make_optimizer(model, tc)
     if restored is not None:
         with restored.as_directory() as folder:

@@ -36,10 +36,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def computes_on_gpu(cfg: Config) -> bool:
+    """Training asks for GPUs and computes on them (not with `ray.gpu_compute: cpu`, the rehearsal cluster's
+    logical GPUs: the workers still ask Ray for a GPU each)."""
+    return cfg.train.use_gpu and cfg.ray.gpu_compute == "cuda"
+
+
 def train_device(cfg: Config) -> str:
-    if cfg.train.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("train.use_gpu is set but no CUDA device is visible")
-    return "cuda" if cfg.train.use_gpu else "cpu"
+    if computes_on_gpu(cfg) and not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu is set but no CUDA device is visible (ray.gpu_compute: cpu computes on CPU)")
+    return "cuda" if computes_on_gpu(cfg) else "cpu"
 
 
 def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:

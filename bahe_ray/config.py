@@ -125,6 +125,11 @@ class SamplesConfig(_Section):
     fields: list[str] = ["liked", "disliked"]
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
+    # point_in_time: each field's last N behaviours, split at quantiles of all impressions' times.
+    # rella: ReLLa's protocol (docs/quality.md): the last N behaviours of all fields together, samples with
+    # fewer than min_history earlier behaviours dropped, the split cut over the kept samples.
+    protocol: Literal["point_in_time", "rella"] = "point_in_time"
+    min_history: int = Field(5, ge=0)  # rella only
 
 
 class ModelConfig(_Section):
@@ -138,13 +143,24 @@ class ModelConfig(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     token_max_length: int = Field(512, ge=8)  # token-level baseline: keep the most recent tokens
     id_embedding_dim: int = Field(64, ge=1)  # the plain ID-embedding baseline
-    id_buckets: int = Field(1 << 18, ge=1)  # IdCTR: atom ids are hashed into this many rows
+    id_buckets: int = Field(1 << 18, ge=1)  # IdCTR, DIN, bahe_hybrid: atom ids are hashed into this many rows
+    # DIN (model_kind din): the published defaults (Zhou et al. 2018): attention MLP 80-40, MLP 200-80, Dice
+    din_attention_hidden: list[int] = [80, 40]
+    din_hidden: list[int] = [200, 80]
+
+
+class EvalConfig(_Section):
+    """Test-set slices and confidence intervals in metrics.json and the compare table."""
+
+    cold_max_impressions: int = Field(5, ge=0)  # cold items: test items with at most this many train impressions
+    bootstrap_samples: int = Field(1000, ge=10)  # bootstrap resamples for the 95% AUC intervals
+    bootstrap_seed: int = 0
 
 
 class TrainConfig(_Section):
     """Ray Train settings for the deep layers and CTR head."""
 
-    model_kind: Literal["bahe", "token", "id"] = "bahe"
+    model_kind: Literal["bahe", "bahe_hybrid", "token", "id", "din"] = "bahe"
     output_dir: str = "outputs/local/train"  # checkpoints and metrics, local or s3://
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -261,6 +277,7 @@ class Config(_Section):
     samples: SamplesConfig = SamplesConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()

@@ -10,6 +10,11 @@ Split (by time, the same cut for every user): impressions with ts < q(1 - val - 
 `train`, those before q(1 - test) are `val`, the rest `test`, q being quantiles of impression
 timestamps. Behaviours from earlier splits feed later splits' histories, as in production.
 
+`samples.protocol: rella` follows ReLLa's MovieLens protocol instead: the history is the last N
+behaviours of all fields together (one timeline, N = 30 in configs/ml100k_rella.yaml), each kept in
+its field's column; impressions with fewer than `samples.min_history` (5) earlier behaviours are
+dropped; the time quantiles are taken over the kept samples (8:1:1 with the default fractions).
+
 The table is written as parquet under `<samples.path>/table/split=<split>/` plus `samples.json` (fields,
 N, cut-offs, counts). Built with Ray Data from the prepared inputs (`bahe_ray.data.prepare`, the
 validated tables the encode job reads): events and impressions are unioned, hash-grouped by
@@ -83,31 +88,57 @@ class SplitCuts:
         return np.where(ts < self.val_from, "train", np.where(ts < self.test_from, "val", "test"))
 
 
-def user_samples(rows: pa.Table, fields: list[str], max_behaviors: int, cuts: SplitCuts) -> pa.Table:
-    """All samples of one user from that user's event and impression rows (schema `_ROWS`)."""
+def history_windows(ts: np.ndarray, event_field: np.ndarray, is_imp: np.ndarray, imp_ts: np.ndarray,
+                    fields: list[str], max_behaviors: int, protocol: str) -> tuple[dict[str, tuple], np.ndarray]:
+    """Per field, the (starts, ends) of each impression's history among that field's events (time order), and
+    each impression's history length before truncation.
+
+    "point_in_time": each field's last `max_behaviors` events strictly before the impression, on its own.
+    "rella": the last `max_behaviors` events of all fields together (one timeline), each kept in its field.
+    """
+    windows: dict[str, tuple] = {}
+    events = ~is_imp & np.logical_or.reduce([event_field == f for f in fields])
+    all_ends = np.searchsorted(ts[events], imp_ts, side="left")  # events strictly before each impression
+    all_starts = np.maximum(all_ends - max_behaviors, 0)
+    for field in fields:
+        mine = event_field[events] == field
+        if protocol == "rella":  # field f's events among the first i events of the joint timeline
+            before = np.concatenate([[0], np.cumsum(mine)])
+            windows[field] = (before[all_starts], before[all_ends])
+        else:
+            ends = np.searchsorted(ts[events][mine], imp_ts, side="left")
+            windows[field] = (np.maximum(ends - max_behaviors, 0), ends)
+    return windows, all_ends
+
+
+def user_samples(rows: pa.Table, fields: list[str], max_behaviors: int, cuts: SplitCuts | None,
+                 protocol: str = "point_in_time", min_history: int = 0) -> pa.Table:
+    """All samples of one user from that user's event and impression rows (schema `_ROWS`).
+
+    Impressions with fewer than `min_history` earlier events (all fields) are left out. `cuts=None` leaves
+    the split empty, to be assigned once all samples exist (`samples.protocol: rella`).
+    """
     ts = rows.column("ts").to_numpy()
     order = np.argsort(ts, kind="stable")
     rows, ts = rows.take(pa.array(order)), ts[order]
     is_imp = rows.column("is_impression").to_numpy(zero_copy_only=False)
-    imp = rows.filter(pa.array(is_imp))
-    imp_ts = ts[is_imp]
+    event_field = np.asarray(rows.column("field").to_pylist(), dtype=object)
+    windows, history = history_windows(ts, event_field, is_imp, ts[is_imp], fields, max_behaviors, protocol)
+    kept = history >= min_history
+    imp = rows.filter(pa.array(is_imp)).filter(pa.array(kept))
     columns: dict[str, Any] = {
         "user_id": imp.column("user_id"),
         "ts": imp.column("ts"),
         "item_id": imp.column("item_id"),
         "item_atom_id": imp.column("atom_id"),
         "label": imp.column("label"),
-        "split": pa.array(cuts.label(imp_ts), pa.string()),
+        "split": pa.nulls(imp.num_rows, pa.string()) if cuts is None else pa.array(cuts.label(ts[is_imp][kept]), pa.string()),
     }
-    event_field = np.asarray(rows.column("field").to_pylist(), dtype=object)
     ids = rows.column("atom_id").to_numpy()
     for field in fields:
-        mine = ~is_imp & (event_field == field)
-        f_ts, f_ids = ts[mine], ids[mine]
-        ends = np.searchsorted(f_ts, imp_ts, side="left")  # events strictly before each impression
-        starts = np.maximum(ends - max_behaviors, 0)
-        lengths = ends - starts
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        f_ids = ids[~is_imp & (event_field == field)]
+        starts, ends = (w[kept] for w in windows[field])
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int32)
         take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(ends) else np.array([], int)
         values = pa.array(f_ids[take.astype(np.int64)], pa.int64())
         columns[hist_column(field)] = pa.ListArray.from_arrays(pa.array(offsets), values)
@@ -152,7 +183,8 @@ SPLIT_BINS = 1 << 20  # histogram bins over the impression time range: cut point
 
 
 def split_cuts(impressions: ray.data.Dataset, cfg: SamplesConfig) -> SplitCuts:
-    """Time cut-offs at quantiles of impression timestamps, the same on every run.
+    """Time cut-offs at quantiles of the timestamps of `impressions` (any dataset with a ts column: the
+    impressions, or the kept samples under `samples.protocol: rella`), the same on every run.
 
     A count histogram of the timestamps over [min, max] in SPLIT_BINS equal bins (one second wide
     when the range allows) is summed over batches in any order, so the cuts do not depend on
@@ -185,26 +217,38 @@ class SamplesSummary:
     cuts: dict[str, int]
     counts: dict[str, int]
     positives: dict[str, int]
+    protocol: str = "point_in_time"
+    min_history: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: Config) -> SamplesSummary:
-    """Build and write the sample table for validated `events` and `impressions` datasets."""
+    """Build and write the sample table for validated `events` and `impressions` datasets.
+
+    "point_in_time": split at quantiles of all impression timestamps. "rella": impressions with fewer than
+    `samples.min_history` earlier behaviours are dropped first, and the split is cut over the kept samples.
+    """
     import ray
 
     scfg = cfg.samples
-    cuts = split_cuts(impressions, scfg)
+    rella = scfg.protocol == "rella"
+    cuts = None if rella else split_cuts(impressions, scfg)
     rows = events.map_batches(_as_rows("events"), batch_format="pyarrow", batch_size=BATCH_ROWS).union(
         impressions.map_batches(_as_rows("impressions"), batch_format="pyarrow", batch_size=BATCH_ROWS)
     )
     partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    min_history = scfg.min_history if rella else 0
     samples = (
         rows.groupby("user_id", num_partitions=partitions)
-        .map_groups(user_samples, fn_args=(scfg.fields, scfg.max_behaviors, cuts), batch_format="pyarrow")
+        .map_groups(user_samples, fn_args=(scfg.fields, scfg.max_behaviors, cuts, scfg.protocol, min_history),
+                    batch_format="pyarrow")
         .materialize()
     )
+    if cuts is None:
+        cuts = split_cuts(samples, scfg)
+        samples = samples.map_batches(_with_split(cuts), batch_format="pyarrow").materialize()
     remove_folder(join(scfg.path, "table"), cfg.storage)
     fs, inner = arrow_filesystem(join(scfg.path, "table"), cfg.storage)
     samples.write_parquet(inner, filesystem=fs, partition_cols=["split"])
@@ -212,11 +256,22 @@ def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: 
     for split in SPLITS:
         labels = split_labels(scfg.path, split, cfg.storage)
         counts[split], positives[split] = len(labels), int(labels.sum())
-    summary = SamplesSummary(scfg.path, list(scfg.fields), scfg.max_behaviors, asdict(cuts), counts, positives)
+    summary = SamplesSummary(scfg.path, list(scfg.fields), scfg.max_behaviors, asdict(cuts), counts, positives,
+                             scfg.protocol, min_history)
     fs, inner = filesystem(join(scfg.path, "samples.json"), cfg.storage)
     write_bytes_atomic(fs, inner, json.dumps(summary.to_dict(), indent=2).encode())
-    log.info("samples: %s", counts)
+    log.info("samples (%s): %s", scfg.protocol, counts)
     return summary
+
+
+def _with_split(cuts: SplitCuts):
+    """Batch function setting the split column of sample rows from their ts."""
+
+    def fn(batch: pa.Table) -> pa.Table:
+        split = pa.array(cuts.label(batch.column("ts").to_numpy()), pa.string())
+        return batch.set_column(batch.schema.get_field_index("split"), "split", split)
+
+    return fn
 
 
 def build_configured_samples(cfg: Config) -> SamplesSummary:

@@ -37,7 +37,8 @@ from bahe_ray.config import Config, StorageConfig
 from bahe_ray.features import ModelKind
 from bahe_ray.fs import filesystem, join, write_bytes_atomic
 from bahe_ray.models.backbone import Backbone
-from bahe_ray.models.ctr import BaheCTR, IdCTR, TokenCTR
+from bahe_ray.models.ctr import BaheCTR, BaheHybridCTR, IdCTR, TokenCTR
+from bahe_ray.models.din import DinCTR
 from bahe_ray.models.registry import resolve_model_path
 
 FORMAT_VERSION = 1
@@ -84,9 +85,13 @@ def build_model(kind: ModelKind, cfg: Config) -> nn.Module:
     n_fields = len(cfg.samples.fields)
     if kind == "id":
         return IdCTR(n_fields, cfg.model, cfg.model.id_buckets)
+    if kind == "din":
+        return DinCTR(n_fields, cfg.model, cfg.model.id_buckets)
     backbone = Backbone.load(resolve_model_path(cfg.encoder.model), trust_remote_code=cfg.encoder.trust_remote_code)
     if kind == "bahe":
         return BaheCTR(backbone, cfg.encoder.k, n_fields, cfg.model)
+    if kind == "bahe_hybrid":
+        return BaheHybridCTR(backbone, cfg.encoder.k, n_fields, cfg.model)
     if kind == "token":
         return TokenCTR(backbone, n_fields, cfg.model)
     raise ValueError(f"unknown model kind {kind!r}")

@@ -5,7 +5,7 @@ where they are used. Two steps:
 
 1. `sample_arrays(table, fields, N)`: the id arrays of a batch of sample rows (histories padded
    to N, most recent kept), independent of the model;
-2. `bahe_batch` / `token_batch` / `id_batch` (or `make_batch(kind, ...)`): one model's
+2. `bahe_batch` / `hybrid_batch` / `token_batch` / `id_batch` (or `make_batch(kind, ...)`): one model's
    `ModelBatch`, its tensors (formats in `bahe_ray.models.ctr`) and whether they hold padding.
 
 BAHE reads vectors through any `VectorSource` (the embedding store, or the scorer's store plus
@@ -29,8 +29,10 @@ from bahe_ray.models.tokens import BEHAVIOR_SEPARATOR, join_behaviour_tokens, pa
 from bahe_ray.runtime import to_device
 from bahe_ray.samples import hist_column, pad_histories
 
-ModelKind = Literal["bahe", "token", "id"]
-MODEL_KINDS: tuple[ModelKind, ...] = ("bahe", "token", "id")
+ModelKind = Literal["bahe", "bahe_hybrid", "token", "id", "din"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("bahe", "bahe_hybrid", "token", "id", "din")
+VECTOR_KINDS: tuple[ModelKind, ...] = ("bahe", "bahe_hybrid")  # the kinds that read stored vectors
+ID_KINDS: tuple[ModelKind, ...] = ("id", "din")  # the kinds that read atom ids only
 
 
 class MissingVectorsError(KeyError):
@@ -263,6 +265,13 @@ def id_batch(arrays: SampleArrays, device: str | torch.device = "cpu", fixed: bo
     }, padded=not mask.all())
 
 
+def hybrid_batch(bahe: ModelBatch, arrays: SampleArrays, device: str | torch.device = "cpu",
+                 fixed: bool = False) -> ModelBatch:
+    """BaheHybridCTR's batch: a BAHE batch plus `id_batch`'s tensors under an `id_` prefix."""
+    ids = id_batch(arrays, device, fixed)
+    return ModelBatch({**bahe.tensors, **{f"id_{k}": v for k, v in ids.tensors.items()}}, bahe.padded)
+
+
 def make_batch(
     kind: ModelKind,
     arrays: SampleArrays,
@@ -274,16 +283,18 @@ def make_batch(
 ) -> ModelBatch:
     """The batch of model `kind`: BAHE needs `vectors` (or `rows`, vectors on the device), the token baseline
     `tokens`. `fixed`: every batch of B rows has one shape (see `bahe_batch`)."""
-    if kind == "bahe":
+    if kind in VECTOR_KINDS:
         if rows is not None:
-            return bahe_row_batch(arrays, rows, device, fixed)
-        if vectors is None:
+            batch = bahe_row_batch(arrays, rows, device, fixed)
+        elif vectors is None:
             raise ValueError("a BAHE batch needs a vector source")
-        return bahe_batch(arrays, vectors, device, fixed)
+        else:
+            batch = bahe_batch(arrays, vectors, device, fixed)
+        return hybrid_batch(batch, arrays, device, fixed) if kind == "bahe_hybrid" else batch
     if kind == "token":
         if tokens is None:
             raise ValueError("a token-level batch needs a token cache")
         return token_batch(arrays, tokens, device, fixed)
-    if kind == "id":
+    if kind in ID_KINDS:
         return id_batch(arrays, device, fixed)
     raise ValueError(f"unknown model kind {kind!r} (known: {MODEL_KINDS})")

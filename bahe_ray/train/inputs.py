@@ -13,7 +13,16 @@ from torch import nn
 
 from bahe_ray.checkpoint import unwrap
 from bahe_ray.config import Config, StorageConfig, TrainConfig
-from bahe_ray.features import ModelBatch, ModelKind, SampleArrays, TokenCache, make_batch, sample_arrays
+from bahe_ray.features import (
+    ID_KINDS,
+    VECTOR_KINDS,
+    ModelBatch,
+    ModelKind,
+    SampleArrays,
+    TokenCache,
+    make_batch,
+    sample_arrays,
+)
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.store import EmbeddingStore
 from bahe_ray.train.device_table import DeviceTable, device_table
@@ -45,7 +54,7 @@ def training_inputs(inputs: BatchInputs, tc: TrainConfig, device: str | torch.de
     `train.device_table_gb` (in the weights' dtype, which the model casts them to anyway), and fixed-shape
     batches under `train.cuda_graph`. Evaluation may use the same table with `fixed_shape=False`."""
     table = None
-    if inputs.kind == "bahe" and inputs.store is not None:
+    if inputs.kind in VECTOR_KINDS and inputs.store is not None:
         table = device_table(inputs.store, device, getattr(torch, tc.weights_dtype), tc.device_table_gb)
     return replace(inputs, table=table, fixed_shape=tc.cuda_graph)
 
@@ -55,11 +64,11 @@ def batch_inputs(
 ) -> BatchInputs:
     """The batch inputs of `model`: opens the embedding store (bahe: vectors; token: texts) and the tokenizer."""
     fields, n = list(cfg.samples.fields), cfg.samples.max_behaviors
-    if kind == "id":
+    if kind in ID_KINDS:
         return BatchInputs(kind, fields, n, dim=cfg.model.id_embedding_dim)
-    store = EmbeddingStore.read(store_path or cfg.store.path, storage or cfg.storage)
+    store = EmbeddingStore.read(store_path or cfg.store.path, storage or cfg.storage, cfg.store.reader)
     hidden = unwrap(model).backbone.hidden_size
-    if kind == "bahe":
+    if kind in VECTOR_KINDS:
         if store.dim != hidden:
             raise ValueError(f"store {store.path} holds {store.dim}-d vectors; the model's layers are {hidden}-d")
         return BatchInputs(kind, fields, n, dim=store.dim, store=store)

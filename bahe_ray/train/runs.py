@@ -16,7 +16,7 @@ from bahe_ray.checkpoint import CheckpointMeta, save_checkpoint
 from bahe_ray.config import Config
 from bahe_ray.encoders import encoder_fingerprint
 from bahe_ray.encoders.base import ensure_compatible
-from bahe_ray.features import ModelKind
+from bahe_ray.features import VECTOR_KINDS, ModelKind
 from bahe_ray.fs import join
 from bahe_ray.samples import read_split_table, read_summary
 from bahe_ray.train.inputs import BatchInputs, batch_inputs
@@ -45,7 +45,7 @@ def check_samples(cfg: Config) -> dict[str, int]:
 def checked_inputs(kind: ModelKind, cfg: Config, model: nn.Module) -> BatchInputs:
     """`batch_inputs`, and for BAHE the check that the store's vectors come from the configured encoder."""
     inputs = batch_inputs(kind, cfg, model)
-    if kind == "bahe":
+    if kind in VECTOR_KINDS:
         # BAHE's upper layers continue the model (and k) whose shallow layers made the stored vectors;
         # the dtype those were computed in may differ from this device's, so only model and k count.
         configured = encoder_fingerprint(cfg.encoder, "cpu")

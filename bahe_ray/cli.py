@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bahe_ray.config import Config, dump_config, load_config
+from bahe_ray.config import MODEL_KINDS, Config, dump_config, load_config
 from bahe_ray.logs import ray_logs_note, setup_logging
 from bahe_ray.runtime import init_ray
 
@@ -135,7 +135,8 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
 
     ensure_samples(cfg)
     command = invocation()
-    table = compare(args.config, args.overrides, cfg.train.output_dir, not args.no_ray, command)
+    table = compare(args.config, args.overrides, cfg.train.output_dir, not args.no_ray, command, tuple(args.kinds),
+                    tuple(args.seeds) if args.seeds else None)
     print((Path(cfg.train.output_dir) / "compare.md").read_text())
     return 0 if table["rows"] else 1
 
@@ -208,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="embedding store path (default: the one the checkpoint recorded)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--scores", default=None, help="write per-sample scores to this parquet file")
-    p = command("compare", cmd_compare, "train bahe, token and id on the same split; table of AUC, time, memory")
+    p = command("compare", cmd_compare, "train model kinds on the same split; table of AUC per slice, time, memory")
     p.add_argument("--no-ray", action="store_true", help="train without Ray (the sample table must exist)")
+    p.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS, help="model kinds to train")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="train every kind once per seed (train.seed); default: once with the configured seed")
     command("serve", cmd_serve, "serve CTR scores over HTTP (Ray Serve) on serve.host:serve.port until Ctrl-C")
     command("demo", cmd_demo, "the local default end to end: encode, samples, train, evaluate, serve a request")
     p = command("daily-update", cmd_daily_update,

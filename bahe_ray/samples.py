@@ -223,6 +223,12 @@ class SamplesSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def matches(self, cfg: SamplesConfig) -> bool:
+        """Whether this table is what `cfg` would build: fields, N, protocol (and rella's min_history)."""
+        min_history = cfg.min_history if cfg.protocol == "rella" else 0
+        return (self.fields, self.max_behaviors, self.protocol, self.min_history) == (
+            list(cfg.fields), cfg.max_behaviors, cfg.protocol, min_history)
+
 
 def build_samples(events: ray.data.Dataset, impressions: ray.data.Dataset, cfg: Config) -> SamplesSummary:
     """Build and write the sample table for validated `events` and `impressions` datasets.

@@ -35,11 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def compare(config_path: str | None, overrides: list[str], out_dir: str, use_ray: bool, command: str,
-            kinds: tuple[ModelKind, ...] = MODEL_KINDS, seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+            kinds: tuple[ModelKind, ...] = MODEL_KINDS, seeds: tuple[int, ...] | None = None,
+            reuse: bool = False) -> dict[str, Any]:
     """Train each model kind (for each of `seeds`, or once with the configured seed) on the same sample table
     (which must exist), each run in a child process, and write `<out_dir>/<kind>[-seed<s>].json` (each run's
     report), `<out_dir>/compare.json` and `compare.md`: one row per kind, AUC per test slice as the mean over
-    seeds with the bootstrap interval of that mean (`bahe_ray.train.slices`)."""
+    seeds with the bootstrap interval of that mean (`bahe_ray.train.slices`). `reuse`: a run whose report is
+    there already, from the same command, is not trained again (a time-boxed sequence of compares on a GPU)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spawn = multiprocessing.get_context("spawn")
@@ -52,6 +54,10 @@ def compare(config_path: str | None, overrides: list[str], out_dir: str, use_ray
             sets = [*overrides, *([] if seed is None else [f"train.seed={seed}"]), f"train.model_kind={kind}",
                     f"train.output_dir={run_dir}"]
             run_command = train_command(config_path, sets, str(report_path), use_ray)
+            if reuse and report_path.exists() and json.loads(report_path.read_text())["command"] == run_command:
+                log.info("compare: reusing %s", report_path)
+                reports[kind].append(json.loads(report_path.read_text()))
+                continue
             log.info("compare: %s", run_command)
             child = spawn.Process(target=train_and_report, args=(config_path, sets, use_ray, run_command,
                                                                  str(report_path)), name=f"compare-{name}")

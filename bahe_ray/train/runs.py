@@ -32,12 +32,13 @@ def new_run_name(kind: ModelKind) -> str:
 
 
 def check_samples(cfg: Config) -> dict[str, int]:
-    """The sample table must exist with the configured fields and N; returns its split counts."""
+    """The sample table must exist with the configured fields, N and protocol; returns its split counts."""
     summary = read_summary(cfg.samples.path, cfg.storage)
-    if summary.fields != list(cfg.samples.fields) or summary.max_behaviors != cfg.samples.max_behaviors:
+    if not summary.matches(cfg.samples):
         raise ValueError(
-            f"sample table {cfg.samples.path} has fields {summary.fields}, N={summary.max_behaviors}; the config asks "
-            f"for {cfg.samples.fields}, N={cfg.samples.max_behaviors} (rebuild it with `bahe samples`)"
+            f"sample table {cfg.samples.path} has fields {summary.fields}, N={summary.max_behaviors}, protocol "
+            f"{summary.protocol}; the config asks for {cfg.samples.fields}, N={cfg.samples.max_behaviors}, protocol "
+            f"{cfg.samples.protocol} (rebuild it with `bahe samples`)"
         )
     return summary.counts
 

@@ -62,8 +62,12 @@ def cmd_store(cfg: Config, args: argparse.Namespace) -> int:
         report = store.verify()
         print(json.dumps(report.to_dict(), indent=2, default=str))
         return 0 if report.ok else 1
-    removed = store.gc()
-    print(f"removed {len(removed)} orphan part(s)")
+    if args.action == "compact":
+        result = store.compact(args.target_part_rows or cfg.store.compact_part_rows)
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    removed = store.gc(args.min_age_s)
+    print(f"removed {len(removed)} unreferenced file(s)")
     return 0
 
 
@@ -190,9 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-json", default=None, help="also write the run summary here")
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (same results)")
     command("data", cmd_data, "prepare the configured input tables (MovieLens / synthetic) as parquet")
-    p = command("store", cmd_store, "inspect or check an embedding store")
-    p.add_argument("action", choices=["info", "verify", "gc"])
+    p = command("store", cmd_store, "inspect, check, compact or clean an embedding store")
+    p.add_argument("action", choices=["info", "verify", "compact", "gc"])
     p.add_argument("path", nargs="?", default=None, help="store path (default: store.path of the config)")
+    p.add_argument("--target-part-rows", type=int, default=None,
+                   help="compact: rows per merged part (default: store.compact_part_rows)")
+    p.add_argument("--min-age-s", type=float, default=0.0,
+                   help="gc: keep files younger than this, and the parts of versions replaced since (readers)")
     p = command("bench", cmd_bench,
                 "benchmarks: BAHE vs token-level training, the shallow encoder, the training loop, the encode job, "
                 "the scorer")

@@ -111,12 +111,22 @@ class EncoderConfig(_Section):
         return self
 
 
+class StoreReaderConfig(_Section):
+    """How training, evaluation and Serve read vectors: one memory-mapped copy per node (store/node_cache.py)."""
+
+    cache_dir: str | None = None  # node-local folder of the lookup layouts; None: <system temp>/bahe-ray-store-cache
+    refresh_s: float = Field(5.0, ge=0)  # lookups check for a newer committed version at most this often; 0: never
+    keep_versions: int = Field(2, ge=1)  # layouts kept per store in cache_dir (the current one and older ones)
+
+
 class StoreConfig(_Section):
     """The offline embedding store (parquet parts + manifest), local folder or s3://."""
 
     path: str = "outputs/local/store"
     dtype: Literal["float32", "float16"] = "float32"
     commit_every_parts: int = Field(16, ge=1)  # commit progress so a killed run loses little
+    compact_part_rows: int = Field(1_000_000, ge=1)  # `bahe store compact`: rows per merged part
+    reader: StoreReaderConfig = StoreReaderConfig()
 
 
 class SamplesConfig(_Section):

@@ -90,7 +90,7 @@ def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) ->
     model, meta = load_checkpoint(checkpoint, cfg.storage, device)
     if meta.model_kind != "bahe" or meta.store_path is None:
         raise ValueError(f"checkpoint {checkpoint}: a {meta.model_kind} model; the scorer serves BAHE checkpoints")
-    store = EmbeddingStore.read(meta.store_path, cfg.storage)
+    store = EmbeddingStore.read(meta.store_path, cfg.storage, cfg.store.reader)
     ensure_compatible(
         f"checkpoint {checkpoint}",
         {"checkpoint": meta.encoder_fingerprint_id, "store": store.fingerprint, "online encoder": encoder_fingerprint},

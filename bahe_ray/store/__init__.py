@@ -18,14 +18,20 @@ the picklable `PartWriter`) and never change. A commit publishes them all at onc
 one new manifest key that must not exist yet (local: hard link of a synced temporary file;
 S3: conditional PUT), so readers see the old table or the new one, never half, and two writers
 can never both publish version n: the loser re-reads the newer state and deduplicates against
-it. A manifest lists every part of its parent plus the new ones, so a part referenced by any
-version stays referenced by all later ones. Commit drops ids that are already committed or
-repeated within the commit, so retried batches and reruns store every atom exactly once. A
+it. A manifest lists every part of its parent plus the new ones (except after `compact`, whose
+version swaps many small parts for few merged ones holding the same rows; gc keeps the old parts
+for `min_age_s`, so readers of the old version keep finding them). Commit drops ids that are
+already committed or repeated within the commit, so retried batches and reruns store every atom
+exactly once. A
 killed writer leaves at most orphan part files (or temporary files), invisible to readers;
 `gc()` deletes them.
 
+Readers look vectors up in a node-shared, memory-mapped layout of the committed version, built
+once per node from the parts (`node_cache`).
+
 Modules: `manifest` (formats, records, errors), `parts` (part files and I/O primitives),
-`store` (`EmbeddingStore`).
+`node_cache` (the node-shared lookup layout), `compact` (merging small parts), `store`
+(`EmbeddingStore`).
 """
 
 from bahe_ray.encoders.base import FingerprintMismatchError
@@ -33,6 +39,7 @@ from bahe_ray.store.manifest import (
     FORMAT_VERSION,
     CommitConflictError,
     CommitResult,
+    CompactResult,
     Manifest,
     PartInfo,
     StoreCorruptError,
@@ -49,6 +56,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CommitConflictError",
     "CommitResult",
+    "CompactResult",
     "EmbeddingStore",
     "FingerprintMismatchError",
     "Manifest",

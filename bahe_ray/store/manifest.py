@@ -120,6 +120,19 @@ class Manifest:
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
 
+    def compacted(self, replaced: Sequence[PartInfo], merged: Sequence[PartInfo]) -> Manifest:
+        """The next version with the `replaced` parts swapped for `merged` ones holding the same rows."""
+        names = {p.name for p in replaced}
+        kept = tuple(p for p in self.parts if p.name not in names)
+        return Manifest(
+            version=self.version + 1,
+            parent=self.version,
+            fingerprint_id=self.fingerprint_id,
+            parts=kept + tuple(merged),
+            total_atoms=self.total_atoms,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+
     def to_json(self) -> bytes:
         doc = {
             "format": FORMAT_VERSION,
@@ -161,6 +174,20 @@ class CommitResult:
     rewritten: dict[str, str] = field(default_factory=dict)  # partly new part -> its new-rows copy
     duplicates_dropped: int = 0  # rows dropped as already committed or repeated in the commit
     conflicts: int = 0  # newer versions by other writers met and deduplicated against
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    """What one compaction published: `version` holds the same atoms in fewer parts."""
+
+    version: int
+    parts_before: int
+    parts_after: int
+    replaced: list[str] = field(default_factory=list)  # part names no longer referenced by `version`
+    written: list[str] = field(default_factory=list)  # the merged parts
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bahe_ray.atoms import AtomCollisionError
-from bahe_ray.config import StorageConfig
+from bahe_ray.config import StorageConfig, StoreReaderConfig
 from bahe_ray.encoders.base import EncoderFingerprint, FingerprintMismatchError, ensure_compatible
-from bahe_ray.fs import filesystem, join
+from bahe_ray.fs import filesystem, is_remote, join
+from bahe_ray.store.compact import merge_parts, plan_compaction
 from bahe_ray.store.manifest import (
     MANIFEST_NAME,
     MANIFESTS_DIR,
@@ -27,6 +29,7 @@ from bahe_ray.store.manifest import (
     STORE_FILE,
     CommitConflictError,
     CommitResult,
+    CompactResult,
     Manifest,
     PartInfo,
     StoreCorruptError,
@@ -38,6 +41,7 @@ from bahe_ray.store.manifest import (
     parse_store_meta,
     store_meta,
 )
+from bahe_ray.store.node_cache import NodeLayout, default_cache_dir, open_layout
 from bahe_ray.store.parts import (
     PartWriter,
     as_ids,
@@ -61,10 +65,16 @@ class EmbeddingStore:
     `commit()`. Readers: `lookup()`; `refresh()` picks up versions committed elsewhere.
     """
 
-    def __init__(self, path: str, storage: StorageConfig | None = None) -> None:
-        """Bind the existing store at `path`, taking fingerprint, dim and dtype from it."""
+    def __init__(self, path: str, storage: StorageConfig | None = None, reader: StoreReaderConfig | None = None) -> None:
+        """Bind the existing store at `path`, taking fingerprint, dim and dtype from it.
+
+        `reader` sets where the node-shared lookup layout lives and how often lookups look for a
+        newer version; without it, lookups read the node cache under the system temp folder and
+        move to a newer version only on `refresh()`.
+        """
         self.path = path
         self.storage = storage
+        self.reader = reader or StoreReaderConfig(refresh_s=0)
         self._fs, self._root = filesystem(path, storage)
         meta_path = join(self._root, STORE_FILE)
         meta = read_json(self._fs, meta_path)
@@ -76,8 +86,9 @@ class EmbeddingStore:
         self._pending: list[PartInfo] = []
         self._part_ids: dict[str, np.ndarray] = {}  # committed part name -> its ids (unsorted)
         self._sorted_ids: tuple[int, np.ndarray] | None = None  # (version, sorted committed ids)
-        self._table: _LookupTable | None = None
+        self._table: NodeLayout | None = None
         self._manifest = self._read_head()
+        self._checked_at = time.monotonic()
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -116,9 +127,11 @@ class EmbeddingStore:
         return store
 
     @classmethod
-    def read(cls, path: str, storage: StorageConfig | None = None) -> EmbeddingStore:
+    def read(
+        cls, path: str, storage: StorageConfig | None = None, reader: StoreReaderConfig | None = None
+    ) -> EmbeddingStore:
         """Open an existing store, taking fingerprint, dim and dtype from it (training, serving)."""
-        return cls(path, storage)
+        return cls(path, storage, reader)
 
     # ---- committed state -----------------------------------------------------------------
 
@@ -144,6 +157,7 @@ class EmbeddingStore:
     def refresh(self) -> int:
         """Re-read the newest manifest (versions committed by other writers); returns it."""
         self._manifest = self._read_head()
+        self._checked_at = time.monotonic()
         return self.version
 
     def info(self) -> StoreSummary:
@@ -231,17 +245,48 @@ class EmbeddingStore:
             self._pending = []
         return result
 
+    def compact(self, target_part_rows: int = 1_000_000) -> CompactResult:
+        """Merge small committed parts into parts of about `target_part_rows` rows, as a new version.
+
+        Every id, text and vector is kept bit for bit; the version is published like a commit (one
+        new manifest key), so readers see the old parts or the merged ones, never half. Readers of
+        the old version keep reading: its parts stay until `gc(min_age_s)` finds it replaced for
+        longer than `min_age_s`. A commit by another writer meanwhile is kept (compaction retries
+        on top of it); another compaction meanwhile raises CommitConflictError.
+        """
+        head = self._read_head()
+        groups = plan_compaction(head.parts, target_part_rows)
+        replaced = [part for group in groups for part in group]
+        merged = [merge_parts(self._fs, self._root, self._writer, group, self.dim, self.dtype) for group in groups]
+        for _ in range(COMMIT_ATTEMPTS):
+            self._manifest = head
+            if not groups:
+                return CompactResult(head.version, len(head.parts), len(head.parts))
+            if not {p.name for p in replaced} <= {p.name for p in head.parts}:
+                raise CommitConflictError(f"store {self.path}: another compaction published v{head.version} first")
+            manifest = head.compacted(replaced, merged)
+            path = join(self._root, MANIFESTS_DIR, manifest_name(manifest.version))
+            if create_exclusive(self._fs, path, manifest.to_json()):
+                self._manifest = manifest
+                return CompactResult(
+                    manifest.version, len(head.parts), len(manifest.parts),
+                    [p.name for p in replaced], [p.name for p in merged],
+                )
+            head = self._read_head()
+        raise CommitConflictError(f"store {self.path}: gave up after {COMMIT_ATTEMPTS} attempts to compact")
+
     def gc(self, min_age_s: float = 0.0) -> list[str]:
-        """Delete files that no committed version references; returns their paths.
+        """Delete files that no current version references; returns their paths.
 
         Removes orphan parts (written but never committed, skipped or rewritten by commit,
-        half-written temporaries) and stale temporary manifest files. A part written by a
-        writer that has not committed yet is an orphan too: run gc when no writer is active,
-        or pass `min_age_s` longer than any write-to-commit delay.
+        half-written temporaries), parts that compaction replaced more than `min_age_s` ago, and
+        stale temporary manifest files. A part written by a writer that has not committed yet is
+        an orphan too: run gc when no writer is active, or pass `min_age_s` longer than any
+        write-to-commit delay (and than readers take to move to a compacted version).
         """
         head = self._read_head()
         self._manifest = head
-        referenced = {p.name for p in head.parts}
+        referenced = {p.name for p in head.parts} | self._recently_replaced_parts(min_age_s)
         now = time.time()
         removed = []
         for folder, keep in (
@@ -314,7 +359,7 @@ class EmbeddingStore:
 
     def lookup_with_mask(self, ids: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(vectors float32 with zero rows for uncommitted ids, boolean found mask), shaped like ids."""
-        table = self._lookup_table()
+        table = self._layout()
         query = np.asarray(ids, dtype=np.int64)
         if table.ids.size == 0:
             return np.zeros((*query.shape, self.dim), np.float32), np.zeros(query.shape, bool)
@@ -347,6 +392,23 @@ class EmbeddingStore:
         if manifest.version != max(versions) or manifest.fingerprint_id != self.fingerprint_id:
             raise StoreCorruptError(f"{where}: version or fingerprint id does not match the store")
         return manifest
+
+    def _recently_replaced_parts(self, min_age_s: float) -> set[str]:
+        """Parts of versions superseded less than `min_age_s` ago: a reader may still open them."""
+        if min_age_s <= 0:
+            return set()
+        folder = join(self._root, MANIFESTS_DIR)
+        entries = {
+            int(match.group(1)): entry
+            for entry in list_folder(self._fs, folder)
+            if (match := MANIFEST_NAME.fullmatch(entry["name"].rsplit("/", 1)[-1]))
+        }
+        names: set[str] = set()
+        for version, entry in entries.items():
+            successor = entries.get(version + 1)
+            if successor is not None and time.time() - modified_time(successor) < min_age_s:
+                names |= {p.name for p in Manifest.from_json(self._fs.cat_file(entry["name"]), entry["name"]).parts}
+        return names
 
     def _ids_of(self, part: PartInfo) -> np.ndarray:
         if part.name not in self._part_ids:
@@ -420,21 +482,18 @@ class EmbeddingStore:
                 kept.append(copy)
         return kept, plan
 
-    def _lookup_table(self) -> _LookupTable:
-        """The in-memory table of `version`; extended with new parts when the version moves."""
+    def _layout(self) -> NodeLayout:
+        """The node-shared layout of `version`, after a check for a newer version every `refresh_s`."""
+        if self.reader.refresh_s and time.monotonic() - self._checked_at >= self.reader.refresh_s:
+            self.refresh()
         m = self._manifest
-        if self._table is not None and self._table.version == m.version:
-            return self._table
-        base = self._table or _LookupTable(0, frozenset(), np.empty(0, np.int64), np.empty((0, self.dim), self.dtype))
-        new_parts = [p for p in m.parts if p.name not in base.part_names]
-        loaded = parallel(lambda p: load_part(self._fs, self._root, p, self.dim, self.dtype), new_parts)
-        ids = np.concatenate([base.ids, *(t.column("atom_id").to_numpy() for t in loaded)])
-        vectors = np.concatenate([base.vectors, *(part_vectors(t, self.dim) for t in loaded)])
-        order = np.argsort(ids)
-        ids, vectors = ids[order], vectors[order]
-        if (ids[1:] == ids[:-1]).any():
-            raise StoreCorruptError(f"store {self.path} v{m.version}: some ids are stored in more than one part")
-        self._table = _LookupTable(m.version, base.part_names | {p.name for p in new_parts}, ids, vectors)
+        if self._table is None or self._table.version != m.version:
+            self._table = None  # drop the old mapping before mapping the new one
+            cache_dir = Path(self.reader.cache_dir) if self.reader.cache_dir else default_cache_dir()
+            key = f"{(self.storage or StorageConfig()).endpoint_url}|{self.path if is_remote(self.path) else self._root}"
+            self._table = open_layout(
+                self._fs, self._root, key, m, self.dim, self.dtype, cache_dir, self.reader.keep_versions
+            )
         return self._table
 
 
@@ -443,14 +502,6 @@ class _DedupPlan:
     skipped: list[str] = field(default_factory=list)
     rewritten: dict[str, str] = field(default_factory=dict)
     dropped: int = 0
-
-
-@dataclass(frozen=True)
-class _LookupTable:
-    version: int
-    part_names: frozenset[str]
-    ids: np.ndarray  # sorted
-    vectors: np.ndarray  # (n, dim) in the store dtype, rows aligned with ids
 
 
 # ---- helpers -------------------------------------------------------------------------------

@@ -74,3 +74,20 @@ def test_rella_on_movielens_subset_matches_a_direct_count(ray_local: None, tmp_p
     assert tables["val"].column("ts").to_numpy().max() <= tables["test"].column("ts").to_numpy().min()
     lengths = sum(np.array([len(h) for h in tables["test"].column(f"hist_{f}").to_pylist()]) for f in cfg.samples.fields)
     assert lengths.min() >= 5 and lengths.max() == 30
+
+
+def test_movielens_1m_folder_is_read_in_its_double_colon_format(tmp_path: Path) -> None:
+    """data.movielens_path at a GroupLens ml-1m folder: `::`-separated ratings.dat and latin-1 movies.dat."""
+    from bahe_ray.data.movielens import load_ratings, to_tables
+
+    (tmp_path / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    (tmp_path / "movies.dat").write_bytes("1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+                                          "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
+                                          "7::Sabrina (1995)::Comedy|Romance\n".encode("latin-1"))
+    ratings = load_ratings(str(tmp_path), tmp_path / "cache")
+    assert ratings.user_id.tolist() == [1, 1, 2] and ratings.rating.tolist() == [5, 3, 4]
+    assert ratings.ts.tolist() == [978300760, 978302109, 978298413]
+    assert ratings.item_text[661] == "James and the Giant Peach (1996) | Animation, Children's, Musical"
+    events, impressions = to_tables(ratings)
+    assert impressions.column("label").to_pylist() == [1, 0, 1]  # a click is rating > 3
+    assert events.column("field").to_pylist() == ["liked", "disliked", "liked"]

@@ -123,18 +123,6 @@ SMAPS_READER = textwrap.dedent("""
 """)
 
 
-def vectors_mapping(pid: int) -> dict[str, int]:
-    """Rss and Pss (kB) of the process's mapping of vectors.npy, from /proc/<pid>/smaps."""
-    fields: dict[str, int] = {}
-    inside = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        if not line.split()[0].endswith(":"):  # a mapping's header line
-            inside = line.endswith("/vectors.npy")
-        elif inside and line.split()[0] in ("Rss:", "Pss:"):
-            fields[line.split()[0][:-1]] = fields.get(line.split()[0][:-1], 0) + int(line.split()[1])
-    return fields
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc smaps")
 def test_two_processes_hold_one_copy_of_the_vectors(tmp_path: Path) -> None:
@@ -145,7 +133,7 @@ def test_two_processes_hold_one_copy_of_the_vectors(tmp_path: Path) -> None:
     try:
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
-        usage = [vectors_mapping(p.pid) for p in procs]
+        usage = [node_cache.mapped_vectors_kb(p.pid) for p in procs]
     finally:
         for p in procs:
             p.communicate("\n", timeout=60)

@@ -15,9 +15,10 @@ carries a digest of the version's part names, so a store re-created at the same 
 an older layout.
 
 The first process on a node builds a version under an exclusive file lock, into a temporary folder
-renamed into place; the others wait on the lock and map the result. The build holds only ids in
-memory (32 bytes per atom at its peak): pass 1 reads the id columns and sorts them, pass 2 loads a
-few parts at a time and scatters their rows into their sorted positions in the mapped vector file.
+renamed into place; the others wait on the lock and map the result. The build holds ids (32 bytes
+per atom at its peak) and a window of parts (WINDOW_BYTES) in memory: pass 1 reads the id columns
+and sorts them, pass 2 loads a few parts at a time and scatters their rows into their sorted
+positions in the mapped vector file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +42,14 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from bahe_ray.store.manifest import PARTS_DIR, Manifest, StoreCorruptError
+from bahe_ray.store.manifest import PARTS_DIR, Manifest, PartInfo, StoreCorruptError
 from bahe_ray.store.parts import IO_THREADS, list_folder, load_part, parallel, part_vectors, read_columns
 
 log = logging.getLogger(__name__)
 
 LAYOUT_NAME = re.compile(r"v(\d{8})-[0-9a-f]{12}")
 STALE_BUILD_S = 3600.0  # a temporary build folder this old belongs to a killed builder
+WINDOW_BYTES = 512 << 20  # parts read at once while building (each is held twice: file bytes, then columns)
 
 
 def default_cache_dir() -> Path:
@@ -149,12 +151,12 @@ def _build(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, dim: in
         vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.dtype(dtype), shape=(rank.size, dim))
         starts = np.concatenate([[0], np.cumsum([p.rows for p in parts])])
         with tqdm(total=rank.size, desc=f"store v{manifest.version} layout", unit="atoms", disable=rank.size < 1e6) as bar:
-            for first in range(0, len(parts), IO_THREADS):
-                window = parts[first : first + IO_THREADS]
-                tables = parallel(lambda p: load_part(fs, root, p, dim, dtype), window)
+            for first, last in _windows(parts):
+                tables = parallel(lambda p: load_part(fs, root, p, dim, dtype), parts[first:last])
                 for i, table in enumerate(tables, start=first):
                     vectors[rank[starts[i] : starts[i + 1]]] = part_vectors(table, dim)
                     bar.update(parts[i].rows)
+                del tables
         vectors.flush()
         del vectors
         info = {"store": root, "version": manifest.version, "atoms": int(rank.size), "dim": dim, "dtype": dtype}
@@ -165,6 +167,18 @@ def _build(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, dim: in
         raise
     log.info("store %s v%d: node layout of %d atoms built in %.1f s at %s",
              root, manifest.version, manifest.total_atoms, time.perf_counter() - started, folder)
+
+
+def _windows(parts: Sequence[PartInfo]) -> Iterator[tuple[int, int]]:
+    """[first, last) ranges of parts to read together: up to IO_THREADS parts and WINDOW_BYTES (one at least)."""
+    first = 0
+    while first < len(parts):
+        last, size = first + 1, parts[first].bytes
+        while last < len(parts) and last - first < IO_THREADS and size + parts[last].bytes <= WINDOW_BYTES:
+            size += parts[last].bytes
+            last += 1
+        yield first, last
+        first = last
 
 
 def _map(folder: Path, manifest: Manifest, dim: int, dtype: str) -> NodeLayout:
@@ -186,3 +200,20 @@ def _check_parts_present(fs: fsspec.AbstractFileSystem, root: str, manifest: Man
         if sizes.get(part.name) != part.bytes:
             state = "missing" if part.name not in sizes else f"{sizes[part.name]} bytes, the manifest records {part.bytes}"
             raise StoreCorruptError(f"{root}/{PARTS_DIR}/{part.name}: part file is {state}")
+
+
+def mapped_vectors_kb(pid: int) -> dict[str, int]:
+    """Rss and Pss (kB) of process `pid`'s mappings of layout vector files, from /proc/<pid>/smaps (Linux).
+
+    Rss counts every resident page the process maps; Pss divides each page by the number of processes
+    mapping it, so the Pss of all readers on a node adds up to the memory the vectors really hold.
+    """
+    usage = {"Rss": 0, "Pss": 0}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        key, *rest = line.split()
+        if not key.endswith(":"):  # a mapping's header: address range, permissions, ..., path
+            inside = line.endswith("/vectors.npy")
+        elif inside and key[:-1] in usage:
+            usage[key[:-1]] += int(rest[0])
+    return usage

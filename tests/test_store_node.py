@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -73,6 +74,10 @@ def test_running_reader_moves_to_a_new_version_and_old_layouts_go(tmp_path: Path
         np.testing.assert_array_equal(r.lookup(new), vectors_for(new))
         assert r.version == version
         assert [name[:9] for name in layouts(tmp_path)] == [f"v{version:08d}"]  # keep_versions=1
+        (folder,) = [p for p in (tmp_path / "cache").glob("*/v*") if p.is_dir()]
+        assert json.loads((folder / "layout.json").read_text())["base"].startswith(f"v{version - 1:08d}-")
+        everything = ids[: version * 200]  # the previous layout's rows, copied, and the new part's
+        np.testing.assert_array_equal(r.lookup(everything), vectors_for(everything))
 
 
 def test_concurrent_builders_make_one_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

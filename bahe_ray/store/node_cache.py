@@ -6,7 +6,7 @@ so the OS page cache holds the vectors once per node, however many processes rea
   <cache_dir>/<store key>/v<8 digits>-<parts digest>/
       ids.npy       int64 (n,), ascending
       vectors.npy   the store's dtype, (n, dim); row i is the vector of ids[i]
-      layout.json   store path, version, atoms, dim, dtype (for people; the shapes are checked on open)
+      layout.json   store path, version, atoms, dim, dtype, the parts it holds, the layout it extended
 
 Why files rather than Ray's object store: the layout outlives a Ray session (a Serve replica, a
 training job and a hand-run evaluation share it, a restarted replica maps it in milliseconds), and
@@ -18,7 +18,9 @@ The first process on a node builds a version under an exclusive file lock, into 
 renamed into place; the others wait on the lock and map the result. The build holds ids (32 bytes
 per atom at its peak) and a window of parts (WINDOW_BYTES) in memory: pass 1 reads the id columns
 and sorts them, pass 2 loads a few parts at a time and scatters their rows into their sorted
-positions in the mapped vector file.
+positions in the mapped vector file. A new version of an append-only history (the daily update)
+starts from the node's layout of an earlier version instead: its rows are copied, and only the
+parts added since are read from the store.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 LAYOUT_NAME = re.compile(r"v(\d{8})-[0-9a-f]{12}")
 STALE_BUILD_S = 3600.0  # a temporary build folder this old belongs to a killed builder
+COPY_ROWS = 262_144  # rows of a base layout copied at once
 WINDOW_BYTES = 512 << 20  # parts read at once while building (each is held twice: file bytes, then columns)
 
 
@@ -97,7 +100,7 @@ def open_layout(
         folder.parent.mkdir(parents=True, exist_ok=True)
         with _locked(folder.parent / f"{folder.name}.lock"):
             if not folder.exists():
-                _build(fs, root, manifest, dim, dtype, folder)
+                _build(fs, root, manifest, dim, dtype, folder, _base_layout(folder.parent, manifest))
         remove_old_layouts(folder.parent, keep_versions)
     return _map(folder, manifest, dim, dtype)
 
@@ -131,16 +134,34 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, dim: int, dtype: str, folder: Path) -> None:
-    parts = manifest.parts
+def _base_layout(store_folder: Path, manifest: Manifest) -> Path | None:
+    """The newest layout on this node of an earlier version whose parts `manifest` still lists (the
+    daily update only adds parts): the new layout copies its rows and reads only the new parts."""
+    names = {p.name for p in manifest.parts}
+    for folder in sorted((p for p in store_folder.iterdir() if p.is_dir() and LAYOUT_NAME.fullmatch(p.name)),
+                         key=lambda p: p.name, reverse=True):
+        try:
+            if set(json.loads((folder / "layout.json").read_text())["parts"]) <= names:
+                return folder
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def _build(
+    fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, dim: int, dtype: str, folder: Path, base: Path | None
+) -> None:
     started = time.perf_counter()
+    base_parts = set(json.loads((base / "layout.json").read_text())["parts"]) if base else set()
+    parts = [p for p in manifest.parts if p.name not in base_parts]
+    base_ids = np.load(base / "ids.npy", mmap_mode="r") if base else np.empty(0, np.int64)
     tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         ids = np.concatenate(
-            parallel(lambda p: read_columns(fs, root, p, ["atom_id"]).column("atom_id").to_numpy(), parts)
+            [base_ids, *parallel(lambda p: read_columns(fs, root, p, ["atom_id"]).column("atom_id").to_numpy(), parts)]
         )
-        order = np.argsort(ids, kind="stable")
+        order = np.argsort(ids, kind="stable")  # timsort: the base's ids are one sorted run already
         sorted_ids = ids[order]
         if (sorted_ids[1:] == sorted_ids[:-1]).any():
             raise StoreCorruptError(f"store {root} v{manifest.version}: some ids are stored in more than one part")
@@ -149,8 +170,15 @@ def _build(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, dim: in
         rank[order] = np.arange(order.size)
         del ids, order, sorted_ids
         vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.dtype(dtype), shape=(rank.size, dim))
-        starts = np.concatenate([[0], np.cumsum([p.rows for p in parts])])
+        starts = base_ids.size + np.concatenate([[0], np.cumsum([p.rows for p in parts])])
         with tqdm(total=rank.size, desc=f"store v{manifest.version} layout", unit="atoms", disable=rank.size < 1e6) as bar:
+            if base:
+                base_vectors = np.load(base / "vectors.npy", mmap_mode="r")
+                for first in range(0, base_ids.size, COPY_ROWS):  # rank is ascending here: a near-sequential copy
+                    last = min(base_ids.size, first + COPY_ROWS)
+                    vectors[rank[first:last]] = base_vectors[first:last]
+                    bar.update(last - first)
+                del base_vectors
             for first, last in _windows(parts):
                 tables = parallel(lambda p: load_part(fs, root, p, dim, dtype), parts[first:last])
                 for i, table in enumerate(tables, start=first):
@@ -159,14 +187,15 @@ def _build(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, dim: in
                 del tables
         vectors.flush()
         del vectors
-        info = {"store": root, "version": manifest.version, "atoms": int(rank.size), "dim": dim, "dtype": dtype}
+        info = {"store": root, "version": manifest.version, "atoms": int(rank.size), "dim": dim, "dtype": dtype,
+                "base": base.name if base else None, "parts": [p.name for p in manifest.parts]}
         (tmp / "layout.json").write_text(json.dumps(info, indent=1))
         os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("store %s v%d: node layout of %d atoms built in %.1f s at %s",
-             root, manifest.version, manifest.total_atoms, time.perf_counter() - started, folder)
+    log.info("store %s v%d: node layout of %d atoms (%d parts read) built in %.1f s at %s",
+             root, manifest.version, manifest.total_atoms, len(parts), time.perf_counter() - started, folder)
 
 
 def _windows(parts: Sequence[PartInfo]) -> Iterator[tuple[int, int]]:

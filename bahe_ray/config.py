@@ -256,7 +256,6 @@ class ServeConfig(_Section):
     item_cache_size: int = Field(100_000, ge=0)  # items' upper-layer outputs
     user_cache_size: int = Field(50_000, ge=0)  # (field, history) pooled vectors
     warm_items: bool = False  # at load: fill the item cache from the store's atoms (up to item_cache_size)
-    store_refresh_s: float = Field(5.0, ge=0)  # check for a newer store version at most this often; 0: never
     # Where and how the Scorer runs (Serve's own options; a Serve config's deployment entry overrides them).
     use_gpu: bool = False  # Scorer on CUDA; the AtomEncoder too when encoder_gpus > 0
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU (as training), fp32 on CPU
@@ -264,6 +263,7 @@ class ServeConfig(_Section):
     scorer_gpus: float = Field(1.0, gt=0, le=1)  # GPU share per Scorer replica, with use_gpu
     encoder_gpus: float = Field(0.0, ge=0, le=1)  # GPU share of the AtomEncoder, with use_gpu (0: CPU)
     replicas: int = Field(1, ge=1)  # Scorer replicas, unless autoscaling
+    ingress_replicas: int = Field(1, ge=1)  # HTTP Ingress replicas (validation and parsing run there)
     autoscaling: ServeAutoscaling | None = None
     max_ongoing_requests: int = Field(32, ge=1)  # per Scorer replica
     max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it 503 + Retry-After (-1: unbounded)

@@ -72,6 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> World:
         f"store.path={tmp / 'store'}", f"samples.path={tmp / 'samples'}", f"samples.max_behaviors={N}",
         f"serve.checkpoint={tmp / 'ckpt-a'}", "serve.max_candidates=50", "serve.max_behaviors_per_field=20",
         "serve.max_text_chars=300", "serve.max_request_bytes=20000", "model.head_hidden=[32]",
+        "store.reader.refresh_s=0.5",
     ]
     cfg = load_config(PROFILE, overrides)
     tables = movielens.to_tables(movielens.load_ratings(None, REPO / "outputs" / "cache"), max_users=3)
@@ -223,6 +224,8 @@ def test_served_scores_equal_offline_evaluation(client: httpx.Client, world: Wor
     ]
     served = [score(client, body) for body in requests]
     assert [r["atoms_encoded"] for r in served] == [0, 1, 4, 0]
+    warm = [score(client, body) for body in requests]  # the same requests again, from the state caches
+    assert sum(r["timings"]["item_states_cached"] for r in warm) == sum(len(r["candidates"]) for r in requests)
 
     # Offline: the encode job would add the unseen atoms to (a copy of) the store...
     offline_store = str(tmp_path / "store")
@@ -233,6 +236,14 @@ def test_served_scores_equal_offline_evaluation(client: httpx.Client, world: Wor
     store.add(atom_ids(new), encoder.encode(new), new)
     store.commit()
     # ...and the same samples, one row per candidate, go through evaluate_checkpoint.
+    offline = evaluate_requests(world.checkpoints[0], requests, offline_store, tmp_path)
+    for answers in (served, warm):
+        online = np.array([s["score"] for r in answers for s in r["scores"]])
+        np.testing.assert_allclose(online, offline, atol=1e-5, rtol=0)
+
+
+def evaluate_requests(checkpoint: str, requests: list[dict[str, Any]], store_path: str, tmp_path: Path) -> np.ndarray:
+    """evaluate_checkpoint's scores of the sample rows of `requests` (one per candidate), on `store_path`."""
     rows: dict[str, list[Any]] = {name: [] for name in sample_schema(FIELDS).names}
     for i, body in enumerate(requests):
         hist = {f: atom_ids(body.get("behaviors", {}).get(f, [])).tolist() or body.get("behavior_ids", {}).get(f, [])
@@ -246,13 +257,12 @@ def test_served_scores_equal_offline_evaluation(client: httpx.Client, world: Wor
             rows["split"].append("test")
             for f in FIELDS:
                 rows[hist_column(f)].append(hist[f])
-    folder = tmp_path / "samples" / "table" / "split=test"
+    samples = tmp_path / f"samples-{time.monotonic_ns()}"
+    folder = samples / "table" / "split=test"
     folder.mkdir(parents=True)
     pq.write_table(pa.table(rows, schema=sample_schema(FIELDS)).drop(["split"]), folder / "part-0.parquet")
-    offline = evaluate_checkpoint(world.checkpoints[0], "test", samples_path=str(tmp_path / "samples"),
-                                  store_path=offline_store).scores.column("score").to_numpy()
-    online = np.array([s["score"] for r in served for s in r["scores"]])
-    np.testing.assert_allclose(online, offline, atol=1e-5, rtol=0)
+    evaluation = evaluate_checkpoint(checkpoint, "test", samples_path=str(samples), store_path=store_path)
+    return evaluation.scores.column("score").to_numpy()
 
 
 def test_online_vectors_equal_stored_vectors(url: str, world: World) -> None:
@@ -374,7 +384,12 @@ def test_streamed_body_over_the_limit_is_413(client: httpx.Client) -> None:
 def test_serve_benchmark_reports_latency_and_stops(url: str, world: World, tmp_path: Path) -> None:
     report = run_serve_benchmark(world.cfg, url, clients=2, requests=6, candidates=5, behaviors=12)
     assert report["requests"] == report["ok"] == 6 and report["statuses"] == {"200": 6}
-    assert 0 < report["p50_ms"] <= report["p99_ms"] and report["requests_per_s"] > 0
+    assert 0 < report["p50_ms"] <= report["p90_ms"] <= report["p99_ms"] and report["requests_per_s"] > 0
+    assert report["scores_per_s"] == pytest.approx(5 * report["requests_per_s"], rel=0.01)
+    parts = report["breakdown_ms"]
+    assert set(parts) == {"http_ms", "ingress_to_scorer_ms", "prepare_ms", "encode_ms", "queue_ms", "model_ms",
+                          "batch_requests"}
+    assert 0 < parts["model_ms"] < report["p99_ms"] and parts["http_ms"] > 0 and parts["encode_ms"] < 1
     with pytest.raises(ValueError, match="loopback"):
         run_serve_benchmark(world.cfg, "http://10.0.0.1:8000")
 
@@ -382,7 +397,8 @@ def test_serve_benchmark_reports_latency_and_stops(url: str, world: World, tmp_p
     bench.main(world.cfg, ["serve", "--url", url, "--clients", "1", "2", "--requests", "2", "--candidates", "3",
                            "--behaviors", "4", "--out", str(tmp_path), "--name", "serve"])
     runs = json.loads((tmp_path / "serve.json").read_text())["runs"]
-    assert [(r["clients"], r["ok"]) for r in runs] == [(1, 2), (2, 4)]
+    assert [(r["mode"], r["clients"], r["ok"]) for r in runs] == [("as-deployed", 1, 2), ("as-deployed", 2, 4)]
+    assert (tmp_path / "serve.png").stat().st_size > 0
 
 
 # ---- overload, failures, rollout ------------------------------------------------------------
@@ -407,18 +423,21 @@ def test_overload_is_shed_with_503_and_retry_after(url: str, world: World) -> No
 class Traffic:
     """Clients posting good requests in background threads until stopped; records every outcome."""
 
-    def __init__(self, url: str, world: World, clients: int = 3) -> None:
+    def __init__(self, url: str, world: World, clients: int = 3, body: dict[str, Any] | None = None) -> None:
         self.stop = threading.Event()
         self.outcomes: list[tuple[float, int, str | None]] = []  # (time, status, model_version)
-        self.threads = [threading.Thread(target=self._run, args=(url, world, i)) for i in range(clients)]
+        self.answers: list[tuple[float, dict[str, Any]]] = []  # (time, body) of the 200s
+        self.threads = [threading.Thread(target=self._run, args=(url, world, i, body)) for i in range(clients)]
 
-    def _run(self, url: str, world: World, seed: int) -> None:
+    def _run(self, url: str, world: World, seed: int, body: dict[str, Any] | None) -> None:
         with httpx.Client(base_url=url, timeout=120) as c:
             while not self.stop.is_set():
                 try:
-                    r = c.post("/v1/score", json=good_request(world, seed))
+                    r = c.post("/v1/score", json=body or good_request(world, seed))
                     version = r.json().get("model_version") if r.status_code == 200 else None
                     self.outcomes.append((time.monotonic(), r.status_code, version))
+                    if r.status_code == 200:
+                        self.answers.append((time.monotonic(), r.json()))
                 except httpx.HTTPError:
                     self.outcomes.append((time.monotonic(), 0, None))
 
@@ -456,6 +475,35 @@ def test_killed_scorer_replica_recovers(url: str, world: World, client: httpx.Cl
     assert score(client, good_request(world))["model_version"] == world.versions[0]
 
 
+def test_store_update_mid_traffic_empties_the_state_caches(url: str, world: World, client: httpx.Client) -> None:
+    """Requests with an item the store lacks flow (encoded online, states cached) while the encode job commits
+    that item: the scorer moves to the new store version, empties its caches and scores the same rows alike."""
+    body = good_request(world, 5)
+    late = world.unseen["items"][-1]
+    body["candidates"].append({"item_id": "late", "text": late})
+    before = score(client, body)
+    version = before["store_version"]
+    assert before["atoms_encoded"] == 1
+    invalidations = client.get("/v1/stats").json()["invalidations"]
+    with Traffic(url, world, body=body) as traffic:
+        wait_for(lambda: len(traffic.answers) >= 5)
+        store = EmbeddingStore.read(world.cfg.store.path)
+        store.add(atom_ids([late]), build_encoder(world.cfg.encoder, "cpu").encode([late]), [late])
+        store.commit()
+        wait_for(lambda: sum(a["store_version"] == version + 1 for _, a in traffic.answers) >= 5)
+    assert {s for _, s, _ in traffic.outcomes} == {200}
+    versions = [a["store_version"] for _, a in traffic.answers]
+    assert versions == sorted(versions)  # never back to the old version
+    newer = [a for _, a in traffic.answers if a["store_version"] == version + 1]
+    # the item now comes from the store (a request prepared on the old version may answer on the new one)
+    assert all(a["atoms_encoded"] == 0 for a in newer[len(traffic.threads) :])
+    for answer in newer:
+        np.testing.assert_allclose([s["score"] for s in answer["scores"]], [s["score"] for s in before["scores"]],
+                                   atol=1e-5, rtol=0)
+    stats = client.get("/v1/stats").json()
+    assert stats["store_version"] == version + 1 and stats["invalidations"] == invalidations + 1
+
+
 def test_failed_rollout_keeps_the_current_model(
     url: str, world: World, foreign_checkpoint: str, tmp_path: Path
 ) -> None:
@@ -490,3 +538,9 @@ def test_user_config_rollout_switches_model_without_failures(url: str, world: Wo
     assert set(versions[first_new + len(traffic.threads):]) == {world.versions[1]}  # no flapping back
     info = httpx.get(f"{url}/v1/model").json()
     assert info["version"] == world.versions[1] and info["rollout_error"] is None
+    # The new checkpoint's scores, not states cached under the old one: equal to its offline evaluation.
+    body = good_request(world, 0)
+    answer = score(httpx.Client(base_url=url, timeout=60), body)
+    assert answer["model_version"] == world.versions[1]
+    offline = evaluate_requests(world.checkpoints[1], [body], world.cfg.store.path, tmp_path)
+    np.testing.assert_allclose([s["score"] for s in answer["scores"]], offline, atol=1e-5, rtol=0)

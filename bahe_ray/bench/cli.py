@@ -14,7 +14,8 @@ from bahe_ray.bench.encode import bench_encode
 from bahe_ray.bench.harness import write_result
 from bahe_ray.bench.loop import bench_loop
 from bahe_ray.bench.pipeline import bench_pipeline
-from bahe_ray.bench.serve import bench_serve
+from bahe_ray.bench.serve import bench_serve, plot_serve
+from bahe_ray.bench.serve_model import serving_setup
 from bahe_ray.bench.train import bench_train, format_train, plot_train
 from bahe_ray.config import MINILM, Config, TrainConfig
 from bahe_ray.models.registry import PRESETS
@@ -92,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--candidates", type=int, default=100)
     v.add_argument("--behaviors", type=int, default=50, help="behaviours per field")
     v.add_argument("--time-limit", type=float, default=300.0, help="seconds per run at most")
+    v.add_argument("--modes", nargs="+", choices=["warm", "cold"], default=["warm", "cold"],
+                   help="without --url: the scorer as configured (warm) and with its state caches off (cold)")
+    v.add_argument("--model", default=None,
+                   help=f"serve a new BAHE checkpoint of {MINILM}, a Qwen2 preset or folder (random weights when it "
+                        "has none) and a store of random texts, written here (default: the profile's serve.checkpoint)")
+    v.add_argument("--k", type=int, default=6, help="with --model: BAHE split layer")
+    v.add_argument("--fields", type=int, default=2, help="with --model: behaviour fields")
+    v.add_argument("--atoms", type=int, default=20_000, help="with --model: random texts in the store")
     common(v)
 
     lp = sub.add_parser("loop", help="BAHE's training loop end to end (local and Ray Train) against the model alone")
@@ -155,11 +164,19 @@ def run_encode(cfg: Config, args: argparse.Namespace) -> Path:
 
 
 def run_serve(cfg: Config, args: argparse.Namespace) -> Path:
-    """One load run per --clients value against --url, or against the profile's scorer started here."""
-    keys = ("clients", "requests", "p50_ms", "p99_ms", "requests_per_s")
-    result = bench_serve(cfg, args.url, args.clients, args.requests, args.candidates, args.behaviors,
-                         args.time_limit, progress=lambda row: print(json.dumps({k: row[k] for k in keys})))
-    return write_result(result, args.out, args.name or "serve-cpu")
+    """One load run per --clients value (and mode) against --url, or against the profile's scorer started here."""
+    keys = ("mode", "clients", "requests", "p50_ms", "p99_ms", "requests_per_s", "scores_per_s", "breakdown_ms")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            cfg = serving_setup(cfg, args.model, args.k, args.fields, args.behaviors, args.atoms, tmp,
+                                 resolve_device(args.device))
+        result = bench_serve(cfg, args.url, args.clients, args.requests, args.candidates, args.behaviors,
+                             args.time_limit, args.modes,
+                             progress=lambda row: print(json.dumps({k: row[k] for k in keys})))
+    if args.model:
+        result["model"] = {"model": args.model, "k": args.k, "fields": args.fields, "atoms": args.atoms}
+    device = "gpu" if cfg.serve.use_gpu else "cpu"
+    return write_result(result, args.out, args.name or f"serve-{device}", plot_serve)
 
 
 def run_loop(cfg: Config, args: argparse.Namespace) -> Path:

@@ -15,22 +15,39 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from bahe_ray.config import Config, load_config
+from bahe_ray.config import Config, ServeConfig, load_config
 from bahe_ray.serve.http import Ingress
 from bahe_ray.serve.scorer import AtomEncoder, Scorer, ScorerConfig
 
 APP_NAME = "scorer"
 
 
+def scorer_options(sc: ServeConfig) -> dict[str, Any]:
+    """The Scorer's Serve options from the profile: replicas or autoscaling bounds, request limits, CPU/GPU share."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": sc.max_ongoing_requests,
+        "max_queued_requests": sc.max_queued_requests,
+        "ray_actor_options": {"num_cpus": sc.scorer_cpus, "num_gpus": sc.scorer_gpus if sc.use_gpu else 0},
+        "user_config": ScorerConfig(checkpoint=sc.checkpoint).model_dump(),
+    }
+    if sc.autoscaling is None:
+        options["num_replicas"] = sc.replicas
+    else:
+        options["autoscaling_config"] = sc.autoscaling.model_dump()
+    return options
+
+
 def scorer_app(cfg: Config) -> Application:
     """Ingress -> Scorer -> AtomEncoder for a profile.
 
     The Scorer's user_config starts as {"checkpoint": cfg.serve.checkpoint}; a serve config
-    that sets it (deployments: - name: Scorer, user_config: ...) rolls another one out.
+    that sets it (deployments: - name: Scorer, user_config: ...) rolls another one out. A serve
+    config's deployment options override those of the profile.
     """
-    encoder = AtomEncoder.bind(cfg)
-    scorer = Scorer.options(user_config=ScorerConfig(checkpoint=cfg.serve.checkpoint).model_dump())
-    return Ingress.bind(scorer.bind(cfg, encoder), cfg.serve)
+    gpus = cfg.serve.encoder_gpus if cfg.serve.use_gpu else 0
+    encoder = AtomEncoder.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": gpus}).bind(cfg)
+    scorer = Scorer.options(**scorer_options(cfg.serve))
+    return Ingress.options(num_replicas=cfg.serve.ingress_replicas).bind(scorer.bind(cfg, encoder), cfg.serve)
 
 
 class AppArgs(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -170,13 +171,22 @@ def make_api(scorer: DeploymentHandle, limits: ServeConfig) -> FastAPI:
     @api.post("/v1/score", responses=errors)
     async def score(body: ScoreRequest) -> ScoreResponse:
         """One score per candidate, in order, from the current checkpoint."""
+        start = time.perf_counter()
         check_limits(body, limits)
-        return await call_with_retry(lambda: scorer.score.remote(body))
+        response: ScoreResponse = await call_with_retry(lambda: scorer.score.remote(body))
+        if response.timings is not None:
+            response.timings.ingress_ms = 1000 * (time.perf_counter() - start)
+        return response
 
     @api.get("/v1/model", responses=errors)
     async def model() -> ModelInfo:
         """The checkpoint being served and the store it reads."""
         return await call_with_retry(lambda: scorer.info.remote())
+
+    @api.get("/v1/stats", responses=errors)
+    async def stats() -> dict[str, Any]:
+        """One Scorer replica's state caches: sizes, hits, misses, the store version they hold."""
+        return await call_with_retry(lambda: scorer.stats.remote())
 
     @api.get("/healthz", responses=errors)
     async def healthz() -> dict[str, str]:

@@ -86,6 +86,20 @@ class CandidateScore(BaseModel):
     score: float  # click probability: sigmoid of the model's logit
 
 
+class ScoreTimings(BaseModel):
+    """Where one request's time went (ms), and what the state caches gave it (`bahe bench serve` sums these up)."""
+
+    ingress_ms: float | None = None  # in the Ingress's handler: validation, limits, the Scorer call
+    scorer_ms: float  # in the Scorer, from arrival to answer
+    prepare_ms: float  # atom ids, store lookup
+    encode_ms: float  # the AtomEncoder call for atoms the store lacks (0 when none)
+    queue_ms: float  # waiting to join a batch and for the batch before it
+    model_ms: float  # the batch's model call: cached states, misses through the upper layers, head
+    batch_requests: int  # requests in that model call
+    item_states_cached: int  # candidates whose item state came from the cache
+    user_states_cached: int  # fields whose user state came from the cache
+
+
 class ScoreResponse(BaseModel):
     request_id: str | None
     scores: list[CandidateScore]  # one per candidate, in request order
@@ -93,6 +107,7 @@ class ScoreResponse(BaseModel):
     encoder_fingerprint: str
     store_version: int
     atoms_encoded: int  # atoms of this request missing from the store, encoded online
+    timings: ScoreTimings | None = None
 
 
 class ModelInfo(BaseModel):

@@ -1,23 +1,24 @@
 """The Scorer deployment: a BAHE checkpoint and its embedding store answering ScoreRequests, many per
 model call, plus the AtomEncoder deployment for atoms the store lacks.
 
-Every candidate becomes one sample row of the offline sample table and goes through the same
-`features.sample_arrays` -> `features.bahe_batch` -> model path as offline evaluation, so a served
-score equals the offline one (within float noise). The checkpoint, the store and the online
-encoder must share one encoder fingerprint (`ensure_compatible`): vectors of different encoders
-must not mix.
+A request becomes what offline evaluation makes of it, one sample row per candidate: the most
+recent N atom ids per field and the candidate's item atom. The model call (`batch.score_batch`)
+takes item and user states from the checkpoint's state caches (`cache.StateCaches`), runs the
+misses through the upper layers and then the head, so a served score equals the offline one
+(within float noise; exactly the same code with the caches off). The checkpoint, the store and
+the online encoder must share one encoder fingerprint (`ensure_compatible`): vectors of
+different encoders must not mix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict
 from ray import serve
@@ -29,51 +30,21 @@ from bahe_ray.checkpoint import load_checkpoint, read_meta
 from bahe_ray.config import Config
 from bahe_ray.encoders import build_encoder
 from bahe_ray.encoders.base import ensure_compatible
-from bahe_ray.features import bahe_batch, sample_arrays
-from bahe_ray.runtime import default_device
-from bahe_ray.samples import hist_column
+from bahe_ray.serve.batch import Loaded, Prepared, Scored, score_batch, warm_item_states
+from bahe_ray.serve.cache import StateCaches
 from bahe_ray.serve.http import RETRY_AFTER_S
-from bahe_ray.serve.schema import CandidateScore, ModelInfo, RequestError, ScoreRequest, ScoreResponse
+from bahe_ray.serve.schema import (
+    CandidateScore,
+    ModelInfo,
+    RequestError,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreTimings,
+)
 from bahe_ray.store import EmbeddingStore
+from bahe_ray.train.step import autocast_dtype
 
 log = logging.getLogger(__name__)
-
-
-class _StoreAndEncoded:
-    """A features.VectorSource: the store, then the vectors encoded online for this batch."""
-
-    def __init__(self, store: EmbeddingStore, ids: np.ndarray, vectors: np.ndarray) -> None:
-        order = np.argsort(ids)
-        self.store, self.ids, self.vectors = store, ids[order], vectors[order]
-
-    def lookup_with_mask(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        vectors, found = self.store.lookup_with_mask(ids)
-        if self.ids.size:
-            pos = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
-            fresh = ~found & (self.ids[pos] == ids)
-            vectors[fresh] = self.vectors[pos[fresh]]
-            found = found | fresh
-        return vectors, found
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    """One checkpoint with the store it reads; reconfigure swaps the whole of it at once."""
-
-    model: torch.nn.Module
-    store: EmbeddingStore
-    info: ModelInfo
-    device: str
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """One request as sample rows (one per candidate) of the offline sample table, on one checkpoint."""
-
-    loaded: _Loaded
-    table: pa.Table
-    encoded_ids: np.ndarray
-    encoded: np.ndarray  # (len(encoded_ids), dim) vectors of atoms the store lacks
 
 
 class ScorerConfig(BaseModel):
@@ -84,9 +55,17 @@ class ScorerConfig(BaseModel):
     checkpoint: str
 
 
-def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) -> _Loaded:
-    """Load a checkpoint and its store, checking they and the online encoder share one fingerprint."""
-    device = default_device()
+def scorer_device(cfg: Config) -> str:
+    """cuda with serve.use_gpu (an error without a visible GPU), else cpu."""
+    if cfg.serve.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("serve.use_gpu is set but this Scorer replica sees no CUDA device")
+    return "cuda" if cfg.serve.use_gpu else "cpu"
+
+
+def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) -> Loaded:
+    """Load a checkpoint and its store, checking they and the online encoder share one fingerprint; new,
+    empty state caches (filled with the store's item states first with serve.warm_items)."""
+    device = scorer_device(cfg)
     model, meta = load_checkpoint(checkpoint, cfg.storage, device)
     if meta.model_kind != "bahe" or meta.store_path is None:
         raise ValueError(f"checkpoint {checkpoint}: a {meta.model_kind} model; the scorer serves BAHE checkpoints")
@@ -108,8 +87,12 @@ def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) ->
         store_version=store.version,
         store_atoms=store.num_atoms,
     )
+    caches = StateCaches(cfg.serve.item_cache_size, cfg.serve.user_cache_size, meta.dim, device)
+    loaded = Loaded(model.eval(), store, info, device, autocast_dtype(cfg.serve.precision, device), caches)
+    if cfg.serve.warm_items:
+        log.info("warm item states: %d atoms", warm_item_states(loaded))
     log.info("loaded checkpoint %s (version %s, store v%d)", checkpoint, info.version, info.store_version)
-    return _Loaded(model.eval(), store, info, device)
+    return loaded
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})  # mostly idle: only atoms the store lacks
@@ -166,7 +149,7 @@ class Scorer:
 
     def __init__(self, cfg: Config, encoder: DeploymentHandle) -> None:
         self.cfg, self.encoder = cfg, encoder
-        self.loaded: _Loaded | None = None
+        self.loaded: Loaded | None = None
         self.rollout_error: str | None = None
         self._score_batch.set_max_batch_size(cfg.serve.batch_max_size)
         self._score_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
@@ -191,7 +174,7 @@ class Scorer:
             self.rollout_error = f"{type(err).__name__}: {err}"
             log.error("rollout of %s failed; still serving %s: %s", user_config, self.loaded.info.checkpoint, err)
 
-    def current(self) -> _Loaded:
+    def current(self) -> Loaded:
         if self.loaded is None:
             raise RuntimeError("no checkpoint loaded")
         return self.loaded
@@ -201,24 +184,46 @@ class Scorer:
         self.current()
 
     def info(self) -> ModelInfo:
-        return self.current().info.model_copy(update={"rollout_error": self.rollout_error})
+        loaded = self.current()
+        store = {"store_version": loaded.store.version, "store_atoms": loaded.store.num_atoms}
+        return loaded.info.model_copy(update={"rollout_error": self.rollout_error, **store})
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's model version and state caches (sizes, hits, misses, store version, invalidations)."""
+        loaded = self.current()
+        return {"model_version": loaded.info.version, "device": loaded.device, **loaded.caches.stats()}
 
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         """Scores of one request; raises RequestError for fields or atom ids the model cannot read."""
-        prepared = await self._prepare(self.current(), req)
-        scores = await self._score_batch(prepared)
-        info = prepared.loaded.info
+        start = time.perf_counter()
+        loaded = self.current()
+        prepared = await self._prepare(loaded, req)
+        queued = time.perf_counter()
+        scored: Scored = await self._score_batch(prepared)
+        done = time.perf_counter()
+        info = loaded.info
+        timings = ScoreTimings(
+            scorer_ms=1000 * (done - start),
+            queue_ms=1000 * (done - queued) - scored.model_ms,
+            model_ms=scored.model_ms,
+            batch_requests=scored.batch_requests,
+            item_states_cached=scored.item_states_cached,
+            user_states_cached=scored.user_states_cached,
+            **prepared.timings,
+        )
         return ScoreResponse(
             request_id=req.request_id,
-            scores=[CandidateScore(item_id=c.item_id, score=float(s)) for c, s in zip(req.candidates, scores)],
+            scores=[CandidateScore(item_id=c.item_id, score=float(s)) for c, s in zip(req.candidates, scored.scores)],
             model_version=info.version,
             encoder_fingerprint=info.encoder_fingerprint,
-            store_version=info.store_version,
+            store_version=scored.store_version,
             atoms_encoded=len(prepared.encoded_ids),
+            timings=timings,
         )
 
-    async def _prepare(self, loaded: _Loaded, req: ScoreRequest) -> _Prepared:
+    async def _prepare(self, loaded: Loaded, req: ScoreRequest) -> Prepared:
         """Atom ids per field (most recent N kept) and per candidate; atoms the store lacks are encoded."""
+        start = time.perf_counter()
         fields, n = loaded.info.fields, loaded.info.max_behaviors
         for kind, given in (("behaviors", req.behaviors), ("behavior_ids", req.behavior_ids)):
             for name in given:
@@ -226,20 +231,22 @@ class Scorer:
                     raise RequestError(f"{kind}.{name}", f"unknown behaviour field {name!r}; this model reads {fields}")
         # (atom id, text or None, where in the request) of everything the model will read
         atoms: list[tuple[int, str | None, str]] = []
-        histories: dict[str, list[int]] = {}
+        histories: list[tuple[int, ...]] = []
         for name in fields:
             if name in req.behaviors:
                 texts = req.behaviors[name]
-                start = max(len(texts) - n, 0)
-                ids = atom_ids(texts[start:]).tolist()
-                atoms += [(a, t, f"behaviors.{name}[{start + i}]") for i, (a, t) in enumerate(zip(ids, texts[start:]))]
+                start_at = max(len(texts) - n, 0)
+                kept = texts[start_at:]
+                ids = atom_ids(kept).tolist()
+                atoms += [(a, t, f"behaviors.{name}[{start_at + i}]") for i, (a, t) in enumerate(zip(ids, kept))]
             else:
                 given_ids = req.behavior_ids.get(name, [])
-                start = max(len(given_ids) - n, 0)
-                ids = given_ids[start:]
-                atoms += [(a, None, f"behavior_ids.{name}[{start + i}]") for i, a in enumerate(ids)]
-            histories[name] = ids
-        items = [c.atom_id if c.text is None else int(atom_ids([c.text])[0]) for c in req.candidates]
+                start_at = max(len(given_ids) - n, 0)
+                ids = given_ids[start_at:]
+                atoms += [(a, None, f"behavior_ids.{name}[{start_at + i}]") for i, a in enumerate(ids)]
+            histories.append(tuple(ids))
+        text_ids = iter(atom_ids([c.text for c in req.candidates if c.text is not None]).tolist())
+        items = [c.atom_id if c.text is None else next(text_ids) for c in req.candidates]
         atoms += [(a, c.text, f"candidates[{i}].atom_id") for i, (a, c) in enumerate(zip(items, req.candidates))]
         _, found = loaded.store.lookup_with_mask(np.array([a for a, _, _ in atoms], np.int64))
         new: dict[int, str] = {}
@@ -247,46 +254,18 @@ class Scorer:
             if stored:
                 continue
             if text is None:
-                version = loaded.info.store_version
+                version = loaded.store.version
                 raise RequestError(where, f"atom id {atom} is not in the store (v{version}); send its text")
             new[atom] = text
         encoded_ids = np.array(list(new), np.int64)
         encoded = np.zeros((0, loaded.info.dim), np.float32)
+        encoding = time.perf_counter()
         if new:
             encoded = await self.encoder.encode.remote(list(new), list(new.values()))
-        rows = len(req.candidates)
-        table = pa.table(
-            {
-                "user_id": pa.array([req.request_id or ""] * rows, pa.string()),
-                "item_atom_id": pa.array(items, pa.int64()),
-                **{hist_column(f): pa.array([histories[f]] * rows, pa.list_(pa.int64())) for f in fields},
-            }
-        )
-        return _Prepared(loaded, table, encoded_ids, encoded)
+        timings = {"prepare_ms": 1000 * (encoding - start), "encode_ms": 1000 * (time.perf_counter() - encoding)}
+        return Prepared(loaded, histories, items, encoded_ids, encoded, timings)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, requests: list[_Prepared]) -> list[np.ndarray]:
+    async def _score_batch(self, requests: list[Prepared]) -> list[Scored]:
         """One model call per checkpoint among the batched requests (one unless a rollout is under way)."""
-        return await asyncio.to_thread(_forward, requests)
-
-
-def _forward(requests: list[_Prepared]) -> list[np.ndarray]:
-    """Click probabilities of each request's rows, through the offline batch path."""
-    out: list[np.ndarray] = [np.empty(0, np.float32)] * len(requests)
-    for loaded in {id(r.loaded): r.loaded for r in requests}.values():
-        mine = [i for i, r in enumerate(requests) if r.loaded is loaded]
-        table = pa.concat_tables([requests[i].table for i in mine])
-        source = _StoreAndEncoded(
-            loaded.store,
-            np.concatenate([requests[i].encoded_ids for i in mine]),
-            np.concatenate([requests[i].encoded for i in mine]),
-        )
-        arrays = sample_arrays(table, loaded.info.fields, loaded.info.max_behaviors)
-        with torch.inference_mode():
-            batch = bahe_batch(arrays, source, loaded.device)
-            logits = loaded.model(batch.tensors, padded=batch.padded)
-        probs = torch.sigmoid(logits.float()).cpu().numpy()
-        bounds = np.cumsum([0] + [requests[i].table.num_rows for i in mine])
-        for j, i in enumerate(mine):
-            out[i] = probs[bounds[j] : bounds[j + 1]]
-    return out
+        return await asyncio.to_thread(score_batch, requests)

@@ -140,7 +140,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     ensure_samples(cfg)
     command = invocation()
     table = compare(args.config, args.overrides, cfg.train.output_dir, not args.no_ray, command, tuple(args.kinds),
-                    tuple(args.seeds) if args.seeds else None, args.reuse)
+                    tuple(args.seeds) if args.seeds else None, args.reuse, args.parallel)
     print((Path(cfg.train.output_dir) / "compare.md").read_text())
     return 0 if table["rows"] else 1
 
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every kind once per seed (train.seed); default: once with the configured seed")
     p.add_argument("--reuse", action="store_true",
                    help="keep a run whose report (<kind>[-seed<s>].json in train.output_dir) came from the same command")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="train up to this many seeds of a kind at once (their times are then shared)")
     command("serve", cmd_serve, "serve CTR scores over HTTP (Ray Serve) on serve.host:serve.port until Ctrl-C")
     command("demo", cmd_demo, "the local default end to end: encode, samples, train, evaluate, serve a request")
     p = command("daily-update", cmd_daily_update,

@@ -7,12 +7,15 @@
 # pydantic wheels; < 60 MiB). From the repository root:
 #   OUT=outputs/gpu-quality bash scripts/gpu_quality.sh
 # A CPU run of the plumbing on a subset (a few minutes):
-#   OUT=/tmp/gq DEVICE=cpu BUDGET=900 SETS="--set train.max_train_samples=512 --set train.max_epochs=2" bash scripts/gpu_quality.sh
+#   OUT=/tmp/gq DEVICE=cpu SETS="--set samples.path=SMALL_TABLE ... --set train.max_train_samples=128 --set train.max_epochs=2" \
+#   bash scripts/gpu_quality.sh
 #
-# Order (every compare reuses the runs already done, so a part cut short by its timeout loses only its
-# unfinished run): (a) id, din, bahe, bahe_hybrid for seeds 0 1 2; (b) + token seed 0; (c) + token seeds 1 2.
-# $OUT gets at most 8 files: gpu.txt, run.log, compare_a.md, compare_b.md, compare_c.md, compare.json (the
-# last compare that finished), runs.json (every run's report, bundled), curves.png.
+# Order: a: id, din, bahe, bahe_hybrid for seeds 0 1 2, three seeds of a kind at once (--parallel 3: these
+# small models leave most of the GPU idle); b: + token, seed 0; c: + token seeds 1 and 2 (two at once). Every
+# compare reuses the runs done before (--reuse), so a part cut short by its timeout loses only its unfinished
+# runs, and each finished part leaves a table. $OUT gets at most 8 files: gpu.txt, run.log, compare_a.md,
+# compare_b.md, compare_c.md (where those parts finished), compare.json (of the last part that finished),
+# runs.json (every run's report, bundled), curves.png.
 set -u
 : "${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
@@ -50,11 +53,14 @@ part() {  # part NAME KINDS... : one bahe compare over seeds 0 1 2 (or SEEDS), r
   timeout "$limit" $BAHE compare --no-ray --config "$CONFIG" $SETS --reuse --kinds "$@" >> "$LOG" 2>&1
   local rc=$?
   echo "== part $name rc $rc at $((SECONDS - START)) s" | tee -a "$LOG"
-  if [ $rc -eq 0 ]; then cp "$WORK/compare.md" "$OUT/compare_$name.md"; cp "$WORK/compare.json" "$OUT/compare.json"; fi
+  [ $rc -eq 0 ] || return
+  cp "$WORK/compare.json" "$OUT/compare.json"
+  cp "$WORK/compare.md" "$OUT/compare_$name.md"
 }
-part a id din bahe bahe_hybrid --seeds 0 1 2
-part b id din bahe bahe_hybrid token --seeds 0
-part c id din bahe bahe_hybrid token --seeds 0 1 2
+CHEAP="id din bahe bahe_hybrid"
+part a $CHEAP --seeds 0 1 2 --parallel 3
+part b $CHEAP token --seeds 0
+part c $CHEAP token --seeds 0 1 2 --parallel 2
 
 echo "== bundle ($(left) s left)" | tee -a "$LOG"
 timeout 60 "$PY" scripts/quality_bundle.py "$WORK" "$OUT" >> "$LOG" 2>&1 || echo "bundle rc $?" | tee -a "$LOG"

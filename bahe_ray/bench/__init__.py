@@ -6,6 +6,7 @@ encode job, the scorer (`bahe bench WHAT ...`, or `python -m bahe_ray.bench WHAT
   encode    the shallow encoder's atoms/s and TFLOP/s; through `encode()`; on real atoms (`bench.encode`)
   loop      BAHE's training loop end to end, locally and on Ray Train, against the step alone (`bench.loop`)
   pipeline  the Ray Data encode job against a plain loop over the same encoder (`bench.pipeline`)
+  scale     time and memory of data, encode, samples and one epoch against the log's size (`bench.scale`)
   serve     latency and requests/s of POST /v1/score from concurrent clients on loopback (`bench.serve`)
 
 Models are random-weight presets of real shapes (`models.registry.preset_config`), "minilm-shape" (a
@@ -37,14 +38,17 @@ from bahe_ray.bench.harness import (
 )
 from bahe_ray.bench.loop import bench_loop
 from bahe_ray.bench.pipeline import bench_pipeline
+from bahe_ray.bench.scale import bench_scale, plot_scale
 from bahe_ray.bench.serve import bench_serve, run_serve_benchmark
 from bahe_ray.bench.step import TrainSide, random_store
 from bahe_ray.bench.train import bench_train, format_train, plot_train
 
 __all__ = [
     "TrainSide", "attention_width", "bench_encode", "bench_encode_model",
-    "bench_encode_source", "bench_encode_texts", "bench_loop", "bench_pipeline", "bench_serve", "bench_train",
+    "bench_encode_source", "bench_encode_texts", "bench_loop", "bench_pipeline", "bench_scale", "bench_serve",
+    "bench_train",
     "best_trial", "encode_throughput", "format_train", "forward_flops", "free_memory", "layer_parameters", "main",
-    "matmul_peak_tflops", "plot_train", "random_checkpoint", "random_store", "random_texts", "run_serve_benchmark",
+    "matmul_peak_tflops", "plot_scale", "plot_train", "random_checkpoint", "random_store", "random_texts",
+    "run_serve_benchmark",
     "search_batch", "time_calls", "write_result",
 ]

@@ -1,5 +1,5 @@
 """`bahe bench WHAT ...` / `python -m bahe_ray.bench WHAT ...`: the benchmarks' options, and where
-each result goes (OUT/NAME.json, and NAME.png for `train`)."""
+each result goes (OUT/NAME.json, and NAME.png for `train` and `scale`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bahe_ray.bench.encode import bench_encode
-from bahe_ray.bench.harness import write_result
+from bahe_ray.bench.harness import Result, write_result
 from bahe_ray.bench.loop import bench_loop
 from bahe_ray.bench.pipeline import bench_pipeline
+from bahe_ray.bench.scale import bench_scale, format_scale, plot_scale
 from bahe_ray.bench.serve import bench_serve, plot_serve
 from bahe_ray.bench.serve_model import serving_setup
 from bahe_ray.bench.train import bench_train, format_train, plot_train
@@ -117,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=["movielens", "synthetic"], default="movielens")
     p.add_argument("--events", type=int, default=1_000_000, help="synthetic events")
     common(p)
+    sc = sub.add_parser("scale", help="time and memory of data, encode, samples and one epoch against the log's size")
+    sc.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000],
+                    help="events in the synthetic log, one run of every stage per size")
+    sc.add_argument("--events-per-atom", type=int, default=10,
+                    help="the vocabulary grows by one behaviour per this many events")
+    sc.add_argument("--events-per-user", type=int, default=100, help="one user per this many events")
+    sc.add_argument("--n", type=int, default=50, help="samples.max_behaviors: behaviours per field")
+    sc.add_argument("--workdir", default=None,
+                    help="where the logs, store, samples and runs go (default: a temporary folder, deleted after)")
+    sc.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
+    sc.add_argument("--add-to", default=None, metavar="JSON",
+                    help="an earlier scale result (same settings): its sizes are kept next to these in the output")
+    common(sc)
     return parser
 
 
@@ -197,6 +211,25 @@ def run_pipeline(cfg: Config, args: argparse.Namespace) -> Path:
     return path
 
 
+def run_scale(cfg: Config, args: argparse.Namespace) -> Path:
+    """Every stage at every --sizes value, next to the sizes of an --add-to result; OUT/NAME.json after each size."""
+    name = args.name or "scale"
+    earlier = json.loads(Path(args.add_to).read_text())["sizes"] if args.add_to else None
+
+    def run(workdir: str) -> Result:
+        return bench_scale(cfg, args.sizes, workdir, args.events_per_atom, args.events_per_user, args.n, args.interval,
+                           earlier, progress=lambda partial: write_result(partial, args.out, name, plot_scale))
+
+    if args.workdir:
+        result = run(args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bahe-scale-") as tmp:
+            result = run(tmp)
+    path = write_result(result, args.out, name, plot_scale)
+    print(format_scale(result))
+    return path
+
+
 def main(cfg: Config, argv: list[str]) -> int:
     """`bahe bench WHAT ...` (cfg from bahe's --config/--set)."""
     parser = build_parser()
@@ -208,5 +241,7 @@ def main(cfg: Config, argv: list[str]) -> int:
             parser.error("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors()))
         run_train(args, train)
     else:
-        {"encode": run_encode, "serve": run_serve, "loop": run_loop, "pipeline": run_pipeline}[args.what](cfg, args)
+        runs = {"encode": run_encode, "serve": run_serve, "loop": run_loop, "pipeline": run_pipeline,
+                "scale": run_scale}
+        runs[args.what](cfg, args)
     return 0

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import shlex
 import statistics
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,38 +35,38 @@ from bahe_ray.train.slices import SLICES, seed_mean_metrics, test_slices
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One training run of a compare: its report file, and the `bahe train` overrides and command line."""
+
+    name: str
+    report: Path
+    sets: list[str]
+    command: str
+
+
 def compare(config_path: str | None, overrides: list[str], out_dir: str, use_ray: bool, command: str,
             kinds: tuple[ModelKind, ...] = MODEL_KINDS, seeds: tuple[int, ...] | None = None,
-            reuse: bool = False) -> dict[str, Any]:
+            reuse: bool = False, parallel: int = 1) -> dict[str, Any]:
     """Train each model kind (for each of `seeds`, or once with the configured seed) on the same sample table
     (which must exist), each run in a child process, and write `<out_dir>/<kind>[-seed<s>].json` (each run's
     report), `<out_dir>/compare.json` and `compare.md`: one row per kind, AUC per test slice as the mean over
     seeds with the bootstrap interval of that mean (`bahe_ray.train.slices`). `reuse`: a run whose report is
-    there already, from the same command, is not trained again (a time-boxed sequence of compares on a GPU)."""
+    there already, from the same command, is not trained again (a time-boxed sequence of compares on a GPU).
+    `parallel`: up to this many seeds of one kind train at once (small models leave most of a GPU idle;
+    their times are then not those of a run alone)."""
+    if use_ray and parallel > 1:
+        raise ValueError("compare: --parallel applies without Ray (--no-ray); Ray Train runs one trainer at a time")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spawn = multiprocessing.get_context("spawn")
-    reports: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
-    for seed in seeds or (None,):
-        for kind in kinds:
-            name = kind if seed is None else f"{kind}-seed{seed}"
-            report_path = out / f"{name}.json"
-            run_dir = out / kind if seed is None else out / kind / f"seed{seed}"
-            sets = [*overrides, *([] if seed is None else [f"train.seed={seed}"]), f"train.model_kind={kind}",
-                    f"train.output_dir={run_dir}"]
-            run_command = train_command(config_path, sets, str(report_path), use_ray)
-            if reuse and report_path.exists() and json.loads(report_path.read_text())["command"] == run_command:
-                log.info("compare: reusing %s", report_path)
-                reports[kind].append(json.loads(report_path.read_text()))
-                continue
-            log.info("compare: %s", run_command)
-            child = spawn.Process(target=train_and_report, args=(config_path, sets, use_ray, run_command,
-                                                                 str(report_path)), name=f"compare-{name}")
-            child.start()
-            child.join()
-            if child.exitcode != 0:
-                raise RuntimeError(f"compare: training {name} failed (exit code {child.exitcode}): {run_command}")
-            reports[kind].append(json.loads(report_path.read_text()))
+    reports: dict[str, list[dict[str, Any]]] = {}
+    for kind in kinds:
+        runs = [planned_run(config_path, overrides, out, use_ray, kind, seed) for seed in seeds or (None,)]
+        todo = [r for r in runs if not (reuse and r.report.exists()
+                                        and json.loads(r.report.read_text())["command"] == r.command)]
+        for first in range(0, len(todo), parallel):
+            train_runs(config_path, use_ray, todo[first : first + parallel])
+        reports[kind] = [json.loads(r.report.read_text()) for r in runs]
     cfg = load_config(config_path, overrides)
     test, masks = test_slices(cfg)
     rows = [kind_row(kind, runs, test, masks, cfg) for kind, runs in reports.items()]
@@ -78,6 +79,32 @@ def compare(config_path: str | None, overrides: list[str], out_dir: str, use_ray
     (out / "compare.json").write_text(json.dumps(json_safe(table), indent=2) + "\n")
     (out / "compare.md").write_text(compare_markdown(rows, command) + slices_markdown(rows, table["slices"]))
     return table
+
+
+def planned_run(config_path: str | None, overrides: list[str], out: Path, use_ray: bool, kind: ModelKind,
+                seed: int | None) -> Run:
+    name = kind if seed is None else f"{kind}-seed{seed}"
+    run_dir = out / kind if seed is None else out / kind / f"seed{seed}"
+    sets = [*overrides, *([] if seed is None else [f"train.seed={seed}"]), f"train.model_kind={kind}",
+            f"train.output_dir={run_dir}"]
+    report = out / f"{name}.json"
+    return Run(name, report, sets, train_command(config_path, sets, str(report), use_ray))
+
+
+def train_runs(config_path: str | None, use_ray: bool, runs: list[Run]) -> None:
+    """Train `runs` at once, each in a child process of its own (a fresh interpreter, "spawn")."""
+    spawn = multiprocessing.get_context("spawn")
+    children = []
+    for run in runs:
+        log.info("compare: %s", run.command)
+        child = spawn.Process(target=train_and_report, args=(config_path, run.sets, use_ray, run.command,
+                                                             str(run.report)), name=f"compare-{run.name}")
+        child.start()
+        children.append(child)
+    for run, child in zip(runs, children):
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"compare: training {run.name} failed (exit code {child.exitcode}): {run.command}")
 
 
 def train_command(config_path: str | None, overrides: list[str], report_path: str, use_ray: bool) -> str:

@@ -11,7 +11,7 @@
 #   GRAPH= COMPILE= LOOP_MODEL=/tmp/tiny-qwen2 LOOP_K=1 USERS=20 EVENTS=3000 ATOMS=300 CPUS_PER_WORKER=1 \
 #   bash scripts/h200_train_step.sh
 # (LOOP_MODEL: a Qwen2 preset or a folder with a Qwen2 config.json; bench loop builds random weights of it.)
-# PARTS=bc runs only parts b and c (the table reads whatever $OUT holds).
+# PARTS=bc runs only parts b and c (the table reads whatever $OUT holds); ABL_ONLY=NAME only the ablation rows matching NAME.
 set -u
 : "${OUT:?set OUT to the folder for the results}"
 BUNDLE=${RAYBUNDLE-.raybundle/install.sh}  # RAYBUNDLE= (empty): Ray is installed already
@@ -50,8 +50,10 @@ ABL=(
 )
 START=$SECONDS
 [[ $PARTS == *b* ]] || ABL=()
+ONLY=${ABL_ONLY:-}  # e.g. ABL_ONLY=5-device-table: only the rows whose name matches
 for row in "${ABL[@]}"; do
   name=${row%%|*}; flags=${row#*|}
+  [[ -n $ONLY && $name != *$ONLY* ]] && continue
   left=$((LIMIT - (SECONDS - START))); [ $left -le 10 ] && { echo "(b) $name: no time left"; continue; }
   timeout $left $BENCH train --model $MODEL --k $K --sides bahe --n $BEST_N --batch $BATCH --best-n \
     --warmup $WARMUP --steps $STEPS $flags $COMMON --name b-$name > "$OUT/b-$name.log" 2>&1
@@ -101,8 +103,10 @@ if c:
     print(f"  model level {c['model_level']['samples_per_s']} samples/s")
     for mode in ("local", "ray"):
         if mode in c:
+            last = c[mode]["epochs"][-1]
             print(f"  train_{mode}: {c[mode]['samples_per_s']:.1f} samples/s (last epoch), "
-                  f"{c[mode]['of_model_level']:.1%} of the model level")
+                  f"{c[mode]['of_model_level']:.1%} of the model level, data wait "
+                  f"{last['data_wait_seconds'] / last['train_seconds']:.1%} of the epoch")
 else:
     print("\n(c) no result (see c-loop.log)")
 EOF

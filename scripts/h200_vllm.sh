@@ -71,7 +71,7 @@ if [[ $WHICH == *b* ]]; then
   X4="--set encoder.num_actors=4 --set encoder.num_gpus_per_actor=0.25 --set encoder.num_cpus_per_actor=2"
   X4="$X4 --set encoder.vllm_engine_args={\"gpu_memory_utilization\":0.2}"
   JOBS=("transformers|transformers|" "vllm|vllm|$BEST" "vllm-x4|vllm|$BEST $X4" "auto|auto|$BEST")
-  START=$SECONDS; BLIMIT=${PART_LIMIT:-450}
+  START=$SECONDS; BLIMIT=${JOBS_LIMIT:-450}
   for row in "${JOBS[@]}"; do
     IFS='|' read -r tag backend flags <<< "$row"; left=$((BLIMIT - (SECONDS - START)))
     [ $left -le 40 ] && { echo "(b) $tag: no time left"; continue; }

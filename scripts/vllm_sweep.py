@@ -47,10 +47,12 @@ PROFILE_PARTS = [
                           "vllm/renderers/", "vllm/entrypoints/")),
     ("pooling", ("vllm/model_executor/layers/pooler", "vllm/v1/pool/", "vllm/pooling_params")),
     ("model and runner", ("vllm/v1/worker/", "vllm/model_executor/", "vllm/attention/", "vllm/v1/attention/",
-                          "vllm/compilation/", "torch/", "vllm/forward_context")),
+                          "vllm/compilation/", "torch/", "vllm/forward_context", "vllm/ir/", "~:0(<built-in method torch",
+                          "~:0(<method 'synchronize'", "~:0(<method 'cpu'", "~:0(<method 'to'")),
     ("output objects", ("vllm/v1/engine/output_processor", "vllm/outputs", "vllm/v1/outputs")),
     ("engine loop", ("vllm/v1/engine/", "vllm/v1/executor/", "vllm/executor/", "msgspec")),
     ("our tokenizer", ("bahe_ray/", "tokenizers", "transformers/")),
+    ("copies of request parameters", ("copy.py",)),
 ]
 
 
@@ -150,14 +152,19 @@ def profiled(call: Any, texts: list[str]) -> dict[str, Any]:
     by_part: dict[str, float] = {}
     rows = []
     for (file, line, func), (_, calls, own, cumulative, _) in stats.items():
-        part = next((p for p, keys in PROFILE_PARTS if any(k in file for k in keys)), "other")
+        where = f"{file.split('site-packages/')[-1]}:{line}({func})"
+        part = next((p for p, keys in PROFILE_PARTS if any(k in where for k in keys)), "other")
         by_part[part] = by_part.get(part, 0.0) + own
-        rows.append((own, cumulative, calls, f"{file.split('site-packages/')[-1]}:{line}({func})"))
-    rows.sort(reverse=True)
+        rows.append((own, cumulative, calls, where))
+
+    def top(rows: list[tuple[float, float, int, str]]) -> list[dict[str, Any]]:
+        return [{"own_s": round(o, 3), "cum_s": round(c, 3), "calls": n, "where": w} for o, c, n, w in rows[:30]]
+
     return {
         "wall_s_profiled": round(wall, 3),
         "own_s_by_part": {p: round(s, 3) for p, s in sorted(by_part.items(), key=lambda x: -x[1])},
-        "top_own": [{"own_s": round(o, 3), "cum_s": round(c, 3), "calls": n, "where": w} for o, c, n, w in rows[:30]],
+        "top_own": top(sorted(rows, reverse=True)),
+        "top_cumulative": top(sorted((r for r in rows if "vllm/" in r[3]), key=lambda r: -r[1])),
     }
 
 
@@ -193,7 +200,7 @@ def table(out: Path) -> None:
         if "summary" in r:
             s = r["summary"]
             print(f"{r['name']:28s} events {s['events_read']:,} unique {s['unique_atoms']:,} encoded {s['encoded']:,} "
-                  f"in {s['seconds']} s: {r['atoms_per_s_end_to_end']} atoms/s; {s['backends']}")
+                  f"in {s['seconds']} s: {s['atoms_per_s_end_to_end']} atoms/s; {s['backends']}")
         else:
             print(f"{r['name']:28s} {r['atoms_per_s']:>10,.0f} atoms/s  calls {r['calls_s']}  load {r['load_s']} s"
                   f"  cos {r.get('cosine_min', '-')}  {' '.join(r['sets'])}")

@@ -173,16 +173,21 @@ class VLLMEncoder:
         )
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Pooled layer-k vectors, (n, dim) float32, in input order; all texts go to the engine in one call."""
+        """Pooled layer-k vectors, (n, dim) float32, in input order; all texts go to the engine in one call.
+
+        `LLM.encode` with the embed task, not `LLM.embed`: the same pooled tensors, without turning each
+        vector into a Python list of floats (`EmbeddingOutput`) that is then copied back into an array.
+        """
+        import torch
         from vllm.inputs import TokensPrompt
 
         ids = self.atoms.ids(list(texts)) if texts else []
         empty = [i for i, seq in enumerate(ids) if not seq]
         if empty:
             raise ValueError(f"texts at {empty[:5]} have no tokens")
-        outputs = self.llm.embed([TokensPrompt(prompt_token_ids=seq) for seq in ids], use_tqdm=False)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for row, output in enumerate(outputs):
-            out[row] = output.outputs.embedding
-        return out
+        if not ids:
+            return np.empty((0, self.dim), dtype=np.float32)
+        prompts = [TokensPrompt(prompt_token_ids=seq) for seq in ids]
+        outputs = self.llm.encode(prompts, pooling_task="embed", use_tqdm=False)
+        return torch.stack([output.outputs.data for output in outputs]).float().cpu().numpy()
 

@@ -6,6 +6,8 @@ the same sample rows; a store version change empties the caches; the LRU keeps i
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -131,3 +133,20 @@ def test_new_store_version_empties_the_caches(model: BaheCTR, store: EmbeddingSt
     assert all(s.store_version == store.version for s in again)
     np.testing.assert_allclose(np.concatenate([s.scores for s in again]),
                                np.concatenate([s.scores for s in first]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_caches_on_the_gpu_under_bf16_autocast(model: BaheCTR, store: EmbeddingStore) -> None:
+    """The Scorer's GPU path (serve.use_gpu, precision auto): states cached on the device, bf16 autocast; the
+    scores stay near the fp32 offline ones (bf16 rounding) and warm equals cold."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu = copy.deepcopy(model).cuda()
+    info = loaded_with(model, store, 0, 0).info
+    loaded = Loaded(gpu, store, info, "cuda", torch.bfloat16, StateCaches(1000, 1000, DIM, "cuda"))
+    requests = requests_of(loaded, 3)
+    cold = np.concatenate([s.scores for s in score_batch(requests)])
+    warm = score_batch(requests)
+    assert sum(s.item_states_cached for s in warm) == 15 and loaded.caches.items.rows.is_cuda
+    np.testing.assert_allclose(np.concatenate([s.scores for s in warm]), cold, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(cold, offline_scores(model, store, requests), atol=2e-2, rtol=0)

@@ -4,7 +4,8 @@
 # scorer app on local Ray (Scorer and AtomEncoder on the GPU, bf16 autocast) and loads it from concurrent
 # clients on the same machine: 100 candidates x 100 behaviours x 2 fields, warm (state caches on, every
 # body sent once first) and cold (caches off). Capped by LIMIT seconds (~7 min); a run cut short keeps its log.
-# Results: $OUT/serve-h200.json and .png (p99 against requests/s), $OUT/serve-h200.log, $OUT/gpu.txt.
+# Results: $OUT/serve-h200.json and .png (p99 against requests/s), $OUT/serve-h200.log, $OUT/gpu.txt, and
+# $OUT/gpu-tests.log (the GPU test of the state caches under bf16 autocast, first).
 #
 # On the GPU machine, from the repository root (Ray from the carried bundle, no network):
 #   OUT=$OUT bash scripts/h200_serve.sh                                     carry [".raybundle"]
@@ -28,6 +29,8 @@ SETS="--set ray.num_cpus=$CPUS --set serve.batch_max_size=32 --set serve.max_ong
   --set serve.max_queued_requests=256 --set serve.ingress_replicas=2 --set serve.port=8011 $GPU_SETS"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 
+[ "$DEVICE" = cuda ] && { timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_serve_cache.py \
+  > "$OUT/gpu-tests.log" 2>&1; echo "gpu tests rc $?"; }
 timeout $LIMIT $PY -m bahe_ray.bench --config configs/local.yaml $SETS serve --model $MODEL --k $K --fields 2 \
   --atoms $ATOMS --candidates $CANDIDATES --behaviors $BEHAVIORS --clients $CLIENTS --requests $REQUESTS \
   --modes warm cold --time-limit 45 --device $DEVICE --out "$OUT" --name serve-h200 > "$OUT/serve-h200.log" 2>&1

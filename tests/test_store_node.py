@@ -19,6 +19,7 @@ from bahe_ray.store import CommitConflictError, EmbeddingStore, StoreCorruptErro
 from bahe_ray.store import store as store_module
 from bahe_ray.store.compact import plan_compaction
 from bahe_ray.store.manifest import PartInfo
+from bahe_ray.store.sharded import ShardedStore, StoreShard, shard_of
 from tests.test_store import DIM, FP, texts_for, vectors_for
 
 
@@ -219,3 +220,33 @@ def test_cli_store_compact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert '"parts_after": 1' in capsys.readouterr().out
     assert cli.main(["store", "verify", store.path]) == 0
     np.testing.assert_array_equal(EmbeddingStore.read(store.path).lookup(ids), vectors_for(ids))
+
+
+def test_shards_partition_the_store(tmp_path: Path) -> None:
+    ids = random_ids(3_000)
+    store = filled_store(tmp_path / "store", ids, parts=5)
+    shards = [StoreShard(store.path, None, i, 3) for i in range(3)]
+    assert sum(s.rows() for s in shards) == ids.size and min(s.rows() for s in shards) > 800  # spread evenly
+    owner = shard_of(ids, 3)
+    for i, shard in enumerate(shards):
+        vectors, found = shard.lookup(np.append(ids[owner == i], 7))
+        np.testing.assert_array_equal(found, [True] * int((owner == i).sum()) + [False])
+        np.testing.assert_array_equal(vectors[:-1], vectors_for(ids[owner == i]))
+    new = random_ids(50, seed=1)
+    store.add(new, vectors_for(new), texts_for(new))
+    store.commit()
+    store.compact(target_part_rows=10_000)
+    assert [s.refresh() for s in shards] == [3, 3, 3]
+    assert sum(s.rows() for s in shards) == ids.size + new.size
+
+
+def test_sharded_lookup_equals_the_store(tmp_path: Path, ray_local: None) -> None:
+    ids = random_ids(4_000)
+    store = filled_store(tmp_path / "store", ids, parts=4, dtype="float16")
+    sharded = ShardedStore(store.path, shards=3)
+    query = np.stack([ids[::7][:300], np.append(ids[:299], 12345)])  # 2-D, one absent id
+    want_vectors, want_found = reader(store, tmp_path).lookup_with_mask(query)
+    vectors, found = sharded.lookup_with_mask(query)
+    np.testing.assert_array_equal(found, want_found)
+    assert vectors.dtype == np.float32 and vectors.tobytes() == want_vectors.tobytes()
+    assert sum(sharded.rows()) == ids.size

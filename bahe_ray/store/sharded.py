@@ -1,0 +1,126 @@
+"""A store larger than one node's memory: hash-partitioned shards held by Ray actors.
+
+Shard `i` of `n` holds the committed rows whose id hashes to `i` (`shard_of`), sorted, in the
+actor's memory, so `n` actors spread over the cluster hold the store once between them. A lookup
+is batched end to end: the caller splits one batch of ids by shard (vectorised), sends one call
+per shard, and puts the answers back in the batch's order; each shard answers with one
+`searchsorted` over its ids. Vectors travel in the store's dtype and are widened to float32 by the
+caller, as `EmbeddingStore.lookup_with_mask` returns them.
+
+A shard loads one part at a time (memory: its shard plus one part, twice its shard while it
+sorts), and `refresh()` adds only the parts committed since (a compacted version reloads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from bahe_ray.config import StorageConfig
+from bahe_ray.fs import filesystem
+from bahe_ray.store.parts import load_part, part_vectors
+from bahe_ray.store.store import EmbeddingStore, find_sorted
+
+_SPREAD = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: consecutive ids spread over the shards
+
+
+def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
+    """Which of `shards` shards holds each id (1-D int64)."""
+    return ((ids.astype(np.int64).view(np.uint64) * _SPREAD) >> np.uint64(32)) % np.uint64(shards)
+
+
+class StoreShard:
+    """The rows of shard `index` of `shards` of the store's committed version (a Ray actor's state)."""
+
+    def __init__(self, path: str, storage: StorageConfig | None, index: int, shards: int) -> None:
+        self.store = EmbeddingStore.read(path, storage)  # the manifest only: no layout is mapped
+        self.fs, self.root = filesystem(path, storage)
+        self.index, self.shards = index, shards
+        self.held: set[str] = set()
+        self.ids = np.empty(0, np.int64)
+        self.vectors = np.empty((0, self.store.dim), self.store.dtype)
+        self._load()
+
+    def refresh(self) -> int:
+        """Move to the newest committed version; returns it."""
+        self.store.refresh()
+        self._load()
+        return self.store.version
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors in the store's dtype with zero rows where absent, found mask) of ids of this shard."""
+        pos, found = find_sorted(self.ids, ids)
+        if self.ids.size == 0:
+            return np.zeros((ids.size, self.store.dim), self.store.dtype), found
+        out = np.take(self.vectors, pos, axis=0)
+        out[~found] = 0
+        return out, found
+
+    def rows(self) -> int:
+        return int(self.ids.size)
+
+    def _load(self) -> None:
+        parts = self.store.parts
+        if not self.held <= {p.name for p in parts}:  # a compacted version: same rows, other parts
+            self.held, self.ids, self.vectors = set(), self.ids[:0], self.vectors[:0]
+        ids, vectors = [self.ids], [self.vectors]
+        for part in (p for p in parts if p.name not in self.held):
+            table = load_part(self.fs, self.root, part, self.store.dim, self.store.dtype)
+            part_ids = table.column("atom_id").to_numpy()
+            mine = shard_of(part_ids, self.shards) == self.index
+            ids.append(part_ids[mine])
+            vectors.append(part_vectors(table, self.store.dim)[mine])
+            self.held.add(part.name)
+        merged = np.concatenate(ids)
+        order = np.argsort(merged, kind="stable")
+        self.ids, self.vectors = merged[order], np.concatenate(vectors)[order]
+
+
+class ShardedStore:
+    """`lookup_with_mask` (a features.VectorSource) over `shards` StoreShard actors on the Ray cluster."""
+
+    def __init__(self, path: str, storage: StorageConfig | None = None, shards: int = 2,
+                 actor_options: dict[str, Any] | None = None) -> None:
+        import ray
+
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        self.path, self.dim = path, EmbeddingStore.read(path, storage).dim
+        key = hashlib.sha256(path.encode()).hexdigest()[:12]
+        actor = ray.remote(StoreShard)
+        options = actor_options or {"num_cpus": 0}
+        self.actors = [  # named: the training workers of one job share the shards instead of starting their own
+            actor.options(name=f"bahe-store-{key}-shard-{i}-of-{shards}", get_if_exists=True, **options).remote(
+                path, storage, i, shards)
+            for i in range(shards)
+        ]
+
+    def refresh(self) -> list[int]:
+        """Every shard moves to the newest version (each reads the head itself); their versions."""
+        import ray
+
+        return ray.get([a.refresh.remote() for a in self.actors])
+
+    def rows(self) -> list[int]:
+        import ray
+
+        return ray.get([a.rows.remote() for a in self.actors])
+
+    def lookup_with_mask(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 vectors, zero rows for uncommitted ids, found mask) shaped like ids: one call per shard."""
+        import ray
+
+        query = np.asarray(ids, dtype=np.int64)
+        flat = query.reshape(-1)
+        owner = shard_of(flat, len(self.actors)).astype(np.intp)
+        order = np.argsort(owner, kind="stable")
+        bounds = np.cumsum(np.bincount(owner, minlength=len(self.actors)))[:-1]
+        pieces = np.split(flat[order], bounds)
+        answers = ray.get([a.lookup.remote(p) for a, p in zip(self.actors, pieces)])
+        vectors = np.empty((flat.size, self.dim), np.float32)
+        found = np.empty(flat.size, bool)
+        vectors[order] = np.concatenate([v for v, _ in answers])
+        found[order] = np.concatenate([f for _, f in answers])
+        return vectors.reshape(*query.shape, self.dim), found.reshape(query.shape)

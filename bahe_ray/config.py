@@ -117,6 +117,7 @@ class StoreReaderConfig(_Section):
     cache_dir: str | None = None  # node-local folder of the lookup layouts; None: <system temp>/bahe-ray-store-cache
     refresh_s: float = Field(5.0, ge=0)  # lookups check for a newer committed version at most this often; 0: never
     keep_versions: int = Field(2, ge=1)  # layouts kept per store in cache_dir (the current one and older ones)
+    shards: int = Field(0, ge=0)  # > 0: training and evaluation look vectors up in this many Ray actors, each holding 1/shards
 
 
 class StoreConfig(_Section):

@@ -3,7 +3,7 @@
 # Qwen2.5-0.5B shape split at k = 6 and a store of random texts encoded by its first 6 layers, starts the
 # scorer app on local Ray (Scorer and AtomEncoder on the GPU, bf16 autocast) and loads it from concurrent
 # clients on the same machine: 100 candidates x 100 behaviours x 2 fields, warm (state caches on, every
-# body sent once first) and cold (caches off). Capped by LIMIT seconds (~7 min); a run cut short keeps its log.
+# body sent once first) and cold (caches off). Capped by LIMIT seconds (380; with the tests under 8 min); a run cut short keeps its log.
 # Results: $OUT/serve-h200.json and .png (p99 against requests/s), $OUT/serve-h200.log, $OUT/gpu.txt, and
 # $OUT/gpu-tests.log (the GPU test of the state caches under bf16 autocast, first).
 #
@@ -19,7 +19,7 @@ BUNDLE=${RAYBUNDLE-.raybundle/install.sh}  # RAYBUNDLE= (empty): Ray is installe
 if [ -n "$BUNDLE" ] && [ -f "$BUNDLE" ]; then source "$BUNDLE" || exit 1; fi
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python3}; DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-qwen2.5-0.5b}; K=${K:-6}; LIMIT=${LIMIT:-420}
+PY=${PYTHON:-python3}; DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-qwen2.5-0.5b}; K=${K:-6}; LIMIT=${LIMIT:-380}
 BEHAVIORS=${BEHAVIORS:-100}; CANDIDATES=${CANDIDATES:-100}; CLIENTS=${CLIENTS:-"8 32"}; REQUESTS=${REQUESTS:-60}
 ATOMS=${ATOMS:-20000}; CPUS=${CPUS:-16}
 # The Scorer and the AtomEncoder share the GPU (the store was encoded there: same encoder fingerprint);

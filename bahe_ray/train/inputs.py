@@ -25,6 +25,7 @@ from bahe_ray.features import (
 )
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.store import EmbeddingStore
+from bahe_ray.store.sharded import ShardedStore
 from bahe_ray.train.device_table import DeviceTable, device_table
 
 
@@ -39,13 +40,15 @@ class BatchInputs:
     store: EmbeddingStore | None = None
     tokens: TokenCache | None = None
     table: DeviceTable | None = None  # BAHE: the store's vectors on the device; batches then carry rows
+    sharded: ShardedStore | None = None  # store.reader.shards > 0: vectors looked up from shard actors
     fixed_shape: bool = False  # every batch of B rows has one shape (a captured step replays one)
 
     def arrays(self, table: pa.Table) -> SampleArrays:
         return sample_arrays(table, self.fields, self.max_behaviors)
 
     def batch(self, arrays: SampleArrays, device: str | torch.device) -> ModelBatch:
-        return make_batch(self.kind, arrays, device, vectors=self.store, tokens=self.tokens, rows=self.table,
+        vectors = self.sharded or self.store
+        return make_batch(self.kind, arrays, device, vectors=vectors, tokens=self.tokens, rows=self.table,
                           fixed=self.fixed_shape)
 
 
@@ -54,7 +57,7 @@ def training_inputs(inputs: BatchInputs, tc: TrainConfig, device: str | torch.de
     `train.device_table_gb` (in the weights' dtype, which the model casts them to anyway), and fixed-shape
     batches under `train.cuda_graph`. Evaluation may use the same table with `fixed_shape=False`."""
     table = None
-    if inputs.kind in VECTOR_KINDS and inputs.store is not None:
+    if inputs.kind in VECTOR_KINDS and inputs.store is not None and inputs.sharded is None:
         table = device_table(inputs.store, device, getattr(torch, tc.weights_dtype), tc.device_table_gb)
     return replace(inputs, table=table, fixed_shape=tc.cuda_graph)
 
@@ -71,7 +74,8 @@ def batch_inputs(
     if kind in VECTOR_KINDS:
         if store.dim != hidden:
             raise ValueError(f"store {store.path} holds {store.dim}-d vectors; the model's layers are {hidden}-d")
-        return BatchInputs(kind, fields, n, dim=store.dim, store=store)
+        sharded = ShardedStore(store.path, store.storage, cfg.store.reader.shards) if cfg.store.reader.shards else None
+        return BatchInputs(kind, fields, n, dim=store.dim, store=store, sharded=sharded)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.encoder.model)))

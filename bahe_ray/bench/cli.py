@@ -17,6 +17,7 @@ from bahe_ray.bench.pipeline import bench_pipeline
 from bahe_ray.bench.scale import bench_scale, format_scale, plot_scale
 from bahe_ray.bench.serve import bench_serve, plot_serve
 from bahe_ray.bench.serve_model import serving_setup
+from bahe_ray.bench.store import bench_store, plot_store
 from bahe_ray.bench.train import bench_train, format_train, plot_train
 from bahe_ray.config import MINILM, Config, TrainConfig
 from bahe_ray.models.registry import PRESETS
@@ -131,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--add-to", default=None, metavar="JSON",
                     help="an earlier scale result (same settings): its sizes are kept next to these in the output")
     common(sc)
+    st = sub.add_parser("store", help="a big store read at once by 2 Ray Train workers and 1 Serve replica")
+    st.add_argument("--atoms", type=int, default=10_000_000, help="atoms in the random float16 store")
+    st.add_argument("--dim", type=int, default=384)
+    st.add_argument("--part-rows", type=int, default=250_000, help="atoms per part file")
+    st.add_argument("--seconds", type=float, default=20.0, help="timed lookups per reader")
+    st.add_argument("--workdir", default=None,
+                    help="where the store and its node layout go (default: a temporary folder, deleted after)")
+    common(st)
     return parser
 
 
@@ -230,6 +239,18 @@ def run_scale(cfg: Config, args: argparse.Namespace) -> Path:
     return path
 
 
+def run_store(cfg: Config, args: argparse.Namespace) -> Path:
+    def run(workdir: str) -> Path:
+        result = bench_store(cfg, args.atoms, args.dim, args.part_rows, args.seconds, workdir)
+        print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
+        return write_result(result, args.out, args.name or f"store-{args.atoms}", plot_store)
+
+    if args.workdir:
+        return run(args.workdir)
+    with tempfile.TemporaryDirectory(prefix="bahe-store-") as tmp:
+        return run(tmp)
+
+
 def main(cfg: Config, argv: list[str]) -> int:
     """`bahe bench WHAT ...` (cfg from bahe's --config/--set)."""
     parser = build_parser()
@@ -240,6 +261,8 @@ def main(cfg: Config, argv: list[str]) -> int:
         except ValidationError as error:  # e.g. --cuda-graph on CPU: a usage error, before any model is built
             parser.error("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors()))
         run_train(args, train)
+    elif args.what == "store":
+        run_store(cfg, args)
     else:
         runs = {"encode": run_encode, "serve": run_serve, "loop": run_loop, "pipeline": run_pipeline,
                 "scale": run_scale}

@@ -40,7 +40,8 @@ fi
 "$PY" -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
   >> "$OUT/gpu.txt"
 BAHE="$PY -m bahe_ray.cli"
-WORK=$(grep -A1 '^train:' "$CONFIG" | sed -n 's/.*output_dir: *//p')
+WORK=${WORK:-outputs/ml100k_rella/train}  # the compare folder (train.output_dir)
+SETS="$SETS --set train.output_dir=$WORK"
 
 echo "== encode ($(left) s left)" | tee -a "$LOG"
 timeout 120 $BAHE encode --no-ray --config "$CONFIG" $SETS >> "$LOG" 2>&1 || echo "encode rc $?" | tee -a "$LOG"

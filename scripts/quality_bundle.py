@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def main(folder: Path, out: Path) -> None:
@@ -36,6 +37,8 @@ def main(folder: Path, out: Path) -> None:
             axes[1, column].plot(epochs, [e["train_loss"] for e in report["epochs"]], marker="o", label=f"seed {seed}")
         axes[0, column].set_title(kind)
         axes[1, column].set_xlabel("epoch")
+        for axis in axes[:, column]:
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0, column].legend(fontsize=7)
     axes[0, 0].set_ylabel("validation AUC")
     axes[1, 0].set_ylabel("training loss")

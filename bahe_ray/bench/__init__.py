@@ -8,6 +8,8 @@ encode job, the scorer (`bahe bench WHAT ...`, or `python -m bahe_ray.bench WHAT
   pipeline  the Ray Data encode job against a plain loop over the same encoder (`bench.pipeline`)
   scale     time and memory of data, encode, samples and one epoch against the log's size (`bench.scale`)
   serve     latency and requests/s of POST /v1/score from concurrent clients on loopback (`bench.serve`)
+  store     one big store read at once by 2 Ray Train workers and 1 Serve replica: node memory, lookups/s,
+            version pickup (`bench.store`)
 
 Models are random-weight presets of real shapes (`models.registry.preset_config`), "minilm-shape" (a
 random BERT of all-MiniLM-L6-v2's shape) or real checkpoints (MINILM, a local folder); speed does not

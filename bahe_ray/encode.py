@@ -40,7 +40,11 @@ if TYPE_CHECKING:  # Ray is imported where it is used, so the local path runs wi
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_RETRIES = 3  # times one encode batch is retried after its actor died
+# Times one encode batch is retried after its actor died or could not be reached. A lost node's actors are
+# unreachable until the GCS declares the node dead (tens of seconds), and every refused call counts as a retry,
+# backing off from 100 ms and doubling: 3 retries gave up after 2 s and failed the job (tests/test_fake_cluster.py);
+# 10 outlast the detection. A batch that kills every actor it meets still fails the job after 10 restarts.
+MAX_BATCH_RETRIES = 10
 
 
 @dataclass

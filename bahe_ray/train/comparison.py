@@ -30,7 +30,7 @@ from bahe_ray.runtime import init_ray
 from bahe_ray.train.ray_run import train_ray
 from bahe_ray.train.report import SCORES_FILE, json_safe
 from bahe_ray.train.runs import train_local
-from bahe_ray.train.slices import SLICES, seed_mean_metrics, test_slices
+from bahe_ray.train.slices import SLICES, seed_mean_metrics, split_slices
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def compare(config_path: str | None, overrides: list[str], out_dir: str, use_ray
             train_runs(config_path, use_ray, todo[first : first + parallel])
         reports[kind] = [json.loads(r.report.read_text()) for r in runs]
     cfg = load_config(config_path, overrides)
-    test, masks = test_slices(cfg)
+    test, masks = split_slices(cfg)
     rows = [kind_row(kind, runs, test, masks, cfg) for kind, runs in reports.items()]
     token = next((r for r in rows if r["model"] == "token"), None)
     for row in rows:

@@ -20,7 +20,7 @@ from bahe_ray.fs import filesystem, join, write_bytes_atomic
 from bahe_ray.runtime import environment
 from bahe_ray.train.evaluation import evaluate_checkpoint
 from bahe_ray.train.loop import TrainState
-from bahe_ray.train.slices import sliced_metrics, test_slices
+from bahe_ray.train.slices import sliced_metrics, split_slices
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def finish_run(cfg: Config, run_name: str, mode: str, state: TrainState, best_di
                command: str, device: str, workers: int) -> dict[str, Any]:
     """Test the exported best checkpoint, then write metrics.json and the curves PNG into the run folder."""
     test = evaluate_checkpoint(best_dir, "test", cfg.storage, cfg.samples.path, cfg.store.path, device=device)
-    _, masks = test_slices(cfg)
+    _, masks = split_slices(cfg)
     epochs = state.history
     report = {
         "run": run_name,

@@ -28,9 +28,9 @@ SLICES = ("overall", "warm_items", "cold_items", "new_users")
 CHUNK_ELEMENTS = 1 << 22  # resamples x rows per chunk of the bootstrap (32 MiB of int64 counts)
 
 
-def test_slices(cfg: Config, samples_path: str | None = None) -> tuple[pa.Table, dict[str, np.ndarray]]:
+def split_slices(cfg: Config) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """(the test split's user_id, item_id and label columns, its slice masks) of the configured sample table."""
-    path = samples_path or cfg.samples.path
+    path = cfg.samples.path
     columns = ["user_id", "item_id", "label"]
     test = read_split_table(path, "test", cfg.storage, columns)
     train = read_split_table(path, "train", cfg.storage, columns[:2])

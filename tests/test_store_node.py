@@ -53,6 +53,8 @@ def test_layout_lookup_equals_the_parts(tmp_path: Path, dtype: str) -> None:
     query = np.stack([ids[::-7][:100], ids[:100]])  # 2-D, unsorted
     want = vectors_for(query.reshape(-1)).astype(dtype).astype(np.float32).reshape(2, 100, DIM)
     np.testing.assert_array_equal(r.lookup(query), want)
+    assert r.lookup(query, dtype=None).dtype == np.dtype(dtype)  # the store's own: no widening
+    np.testing.assert_array_equal(r.lookup(query, dtype=None), want.astype(dtype))
     vectors, found = r.lookup_with_mask(np.array([ids[5], 7, ids[9]]))
     np.testing.assert_array_equal(found, [True, False, True])
     np.testing.assert_array_equal(vectors[1], 0)

@@ -4,8 +4,9 @@ The store is written through its public API (`write_part`, `commit`) with random
 one part at a time. Every reader opens it as training and the scorer do (`EmbeddingStore.read` with
 `store.reader`), so all of them look vectors up in the node's one memory-mapped layout:
 
-  1. each reader times `lookup_with_mask` on random committed ids for `seconds` (training batches of
-     256 x 100 ids in the Ray Train workers, serving batches of 100 x 50 in the Serve replica);
+  1. each reader times `lookup_with_mask` on random committed ids for `seconds`, half as float32 (the
+     default) and half in the store's float16 (`dtype=None`) (training batches of 256 x 100 ids in the
+     Ray Train workers, serving batches of 100 x 50 in the Serve replica);
   2. then looks every atom up once (every page of the vectors resident in its mapping) and waits;
   3. the driver reads the node's memory while all three hold their mappings: the Pss of the vector
      mappings summed over the readers (the memory the vectors hold on the node, shared pages counted
@@ -75,13 +76,17 @@ def read_and_hold(role: str, path: str, reader: dict[str, Any], batch: tuple[int
     map_s = time.perf_counter() - started
     rng = np.random.default_rng(zlib.crc32(role.encode()))
     queries = [atom_ids(rng.integers(0, atoms, size=batch)) for _ in range(8)]
-    calls, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        _, found = store.lookup_with_mask(queries[calls % len(queries)])
-        if not found.all():
-            raise RuntimeError(f"{role}: committed ids not found")
-        calls += 1
-    elapsed = time.perf_counter() - started
+    rates = {}
+    for dtype in ("float32", None):  # the API's default, then the store's float16 (no widening)
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 2:
+            _, found = store.lookup_with_mask(queries[calls % len(queries)], dtype)
+            if not found.all():
+                raise RuntimeError(f"{role}: committed ids not found")
+            calls += 1
+        elapsed = time.perf_counter() - started
+        rates[dtype or store.dtype] = {"lookups": calls, "seconds": round(elapsed, 2),
+                                       "ids_per_s": round(calls * int(np.prod(batch)) / elapsed)}
     for start in range(0, atoms, 100_000):  # every page of the vectors resident in this mapping
         store.lookup(atom_ids(np.arange(start, min(atoms, start + 100_000))))
     (sync_dir / f"ready-{role}").write_text(str(os.getpid()))
@@ -96,8 +101,8 @@ def read_and_hold(role: str, path: str, reader: dict[str, Any], batch: tuple[int
         time.sleep(0.05)
     result = {
         "role": role, "pid": os.getpid(), "batch": list(batch), "ids_per_batch": int(np.prod(batch)),
-        "lookups": calls, "seconds": round(elapsed, 2), "ids_per_s": round(calls * np.prod(batch) / elapsed),
-        "batches_per_s": round(calls / elapsed, 1), "first_map_s": round(map_s, 2),
+        "ids_per_s": rates["float32"]["ids_per_s"], "ids_per_s_float16": rates["float16"]["ids_per_s"],
+        "timed": rates, "first_map_s": round(map_s, 2),
         "pickup_s": round(time.time() - commit["committed_at"], 2), "version": store.version,
     }
     (sync_dir / f"result-{role}.json").write_text(json.dumps(result))
@@ -214,8 +219,11 @@ def plot_store(result: dict[str, Any], path: Path) -> None:
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
     readers = result["readers"]
-    speed.bar([f"{r['role']}\n{r['batch'][0]}x{r['batch'][1]}" for r in readers],
-              [r["ids_per_s"] / 1e6 for r in readers], color="tab:blue")
+    x = np.arange(len(readers))
+    speed.bar(x - 0.2, [r["ids_per_s"] / 1e6 for r in readers], 0.4, label="as float32 (default)")
+    speed.bar(x + 0.2, [r["ids_per_s_float16"] / 1e6 for r in readers], 0.4, label="as float16 (dtype=None)")
+    speed.set_xticks(x, [f"{r['role']}\n{r['batch'][0]}x{r['batch'][1]}" for r in readers])
+    speed.legend()
     speed.set_ylabel("lookup, million ids/s per process")
     speed.set_title(f"{result['atoms']:,} atoms x {result['dim']} fp16, 3 readers at once")
     node, gb = result["node"], 1 << 30

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from bahe_ray.atoms import AtomCollisionError
 from bahe_ray.config import StorageConfig, StoreReaderConfig
@@ -344,12 +343,12 @@ class EmbeddingStore:
 
     # ---- reading vectors -----------------------------------------------------------------
 
-    def lookup(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Vectors of `ids` (any shape) as float32 of shape ids.shape + (dim,).
+    def lookup(self, ids: np.ndarray | Sequence[int], dtype: str | None = "float32") -> np.ndarray:
+        """Vectors of `ids` (any shape) as `dtype` (None: the store's) of shape ids.shape + (dim,).
 
         Raises KeyError when some id is not committed, naming how many and a few of them.
         """
-        vectors, found = self.lookup_with_mask(ids)
+        vectors, found = self.lookup_with_mask(ids, dtype)
         if not found.all():
             absent = np.asarray(ids, dtype=np.int64)[~found]
             raise KeyError(
@@ -358,14 +357,21 @@ class EmbeddingStore:
             )
         return vectors
 
-    def lookup_with_mask(self, ids: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors float32 with zero rows for uncommitted ids, boolean found mask), shaped like ids."""
+    def lookup_with_mask(
+        self, ids: np.ndarray | Sequence[int], dtype: str | None = "float32"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors with zero rows for uncommitted ids, boolean found mask), shaped like ids.
+
+        Vectors come as `dtype`; None gives the store's own, which skips widening a float16 store
+        to float32 (most of such a lookup's time) for callers that cast anyway, e.g. on the GPU.
+        """
         table = self._layout()
         query = np.asarray(ids, dtype=np.int64)
+        out_dtype = np.dtype(dtype or self.dtype)
         if table.ids.size == 0:
-            return np.zeros((*query.shape, self.dim), np.float32), np.zeros(query.shape, bool)
+            return np.zeros((*query.shape, self.dim), out_dtype), np.zeros(query.shape, bool)
         pos, found = find_sorted(table.ids, query.reshape(-1))
-        out = as_float32(np.take(table.vectors, pos, axis=0))
+        out = np.take(table.vectors, pos, axis=0).astype(out_dtype, copy=False)
         out[~found] = 0.0
         return out.reshape(*query.shape, self.dim), found.reshape(query.shape)
 
@@ -525,14 +531,6 @@ def find_sorted(sorted_ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, 
     pos[order] = np.searchsorted(sorted_ids, query[order])
     np.minimum(pos, sorted_ids.size - 1, out=pos)
     return pos, sorted_ids[pos] == query
-
-
-def as_float32(rows: np.ndarray) -> np.ndarray:
-    """`rows` as float32. float16 is widened by torch's vectorised copy, faster than numpy's `astype`;
-    the widening is most of a float16 lookup's time (docs/store.md)."""
-    if rows.dtype == np.float32:
-        return rows
-    return torch.empty(rows.shape, dtype=torch.float32).copy_(torch.from_numpy(rows)).numpy()
 
 
 def isin_sorted(query: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:

@@ -99,3 +99,10 @@ def test_bench_scale_runs_every_stage_and_stores_the_logs_atoms(tmp_path: Path) 
         assert size["store"]["atoms"] == len(distinct) == size["stages"]["encode"]["unique_atoms"]
         assert size["store"]["bytes"] > len(distinct) * size["store"]["dim"] * 2
         assert size["stages"]["data"]["rows"] == size["events"] + size["users"] * 10
+
+
+def test_an_empty_test_slice_gets_no_interval_instead_of_failing_the_run() -> None:
+    """bench scale's synthetic log has no new users in its test split: `bahe train` must still finish."""
+    from bahe_ray.train.slices import bootstrap_auc, interval
+
+    assert interval(bootstrap_auc(np.array([]), [np.array([])], resamples=20, seed=0)) == [None, None]

@@ -60,6 +60,8 @@ def bootstrap_auc(labels: np.ndarray, score_sets: list[np.ndarray], resamples: i
     resample holds one label only."""
     labels = np.asarray(labels, dtype=np.float64)
     n = len(labels)
+    if n == 0:  # an empty slice (e.g. no new users in the test split): no AUC to resample
+        return np.full(resamples, np.nan)
     orders, starts = [], []
     for scores in score_sets:
         order = np.argsort(scores, kind="stable")

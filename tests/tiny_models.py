@@ -17,7 +17,15 @@ from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2Tokenizer,
+)
 
 BRANDS = ["starbucks", "nike", "apple", "ikea", "lego", "sony", "zara", "adidas"]
 PRODUCTS = ["coffee", "shoes", "phone", "lamp", "bricks", "headphones", "jacket", "socks"]
@@ -75,5 +83,26 @@ def build_tiny_model(out_dir: Path, family: Literal["llama", "qwen2"], seed: int
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_minilm_shape(out_dir: Path, seed: int = 0) -> Path:
+    """all-MiniLM-L6-v2's shape (BERT, 6 layers, hidden 384) with random weights and a WordPiece
+    tokenizer trained on behaviour strings ([CLS] text [SEP], lower-cased), saved like the real one."""
+    from bahe_ray.models.registry import MINILM_SHAPE
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(behaviour_texts(), trainers.WordPieceTrainer(vocab_size=800, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    AutoModel.from_config(BertConfig(**MINILM_SHAPE)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

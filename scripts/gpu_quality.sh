@@ -48,7 +48,7 @@ timeout 120 $BAHE encode --no-ray --config "$CONFIG" $SETS >> "$LOG" 2>&1 || ech
 
 part() {  # part NAME KINDS... : one bahe compare over seeds 0 1 2 (or SEEDS), reusing earlier runs
   local name=$1; shift
-  local limit; limit=$(left)
+  local limit; limit=$(( $(left) - 30 ))  # 30 s kept for the bundle
   [ "$limit" -le 20 ] && { echo "== part $name: no time left" | tee -a "$LOG"; return; }
   echo "== part $name: $* (${limit} s left)" | tee -a "$LOG"
   timeout "$limit" $BAHE compare --no-ray --config "$CONFIG" $SETS --reuse --kinds "$@" >> "$LOG" 2>&1

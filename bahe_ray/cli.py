@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gc: keep files younger than this, and the parts of versions replaced since (readers)")
     p = command("bench", cmd_bench,
                 "benchmarks: BAHE vs token-level training, the shallow encoder, the training loop, the encode job, "
-                "the scorer")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="{train,encode,loop,pipeline,serve} ...",
+                "the scorer, the pipeline against the log's size")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="{train,encode,loop,pipeline,serve,scale} ...",
                    help="what to run and its options (bahe bench train -h); --config/--set go before it")
     command("samples", cmd_samples, "build the point-in-time sample table from the configured inputs")
     p = command("train", cmd_train, "train train.model_kind (builds the sample table if missing)")

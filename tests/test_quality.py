@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from bahe_ray.config import Config, dump_config
+from bahe_ray.config import Config, dump_config, with_overrides
 from bahe_ray.train import compare
 from bahe_ray.train.slices import SLICES, split_slices
 
@@ -24,7 +24,7 @@ def test_compare_din_and_hybrid_over_two_seeds(ml: Config, tmp_path: Path) -> No
     table = compare(str(profile), sets, str(out), use_ray=False, command="pytest", kinds=("din", "bahe_hybrid"),
                     seeds=(0, 1), parallel=2)
     assert [r["model"] for r in table["rows"]] == ["din", "bahe_hybrid"] and table["seeds"] == [0, 1]
-    test, masks = split_slices(ml)
+    test, masks = split_slices(with_overrides(ml, sets))  # cold: <= 2 train impressions, as compare was told
     labels = test.column("label").to_numpy()
     for row in table["rows"]:
         reports = [json.loads((out / f"{row['model']}-seed{s}.json").read_text()) for s in (0, 1)]

@@ -10,6 +10,7 @@ Without a GPU, auto is the transformers backend (vLLM's CPU build is not faster;
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -159,4 +160,7 @@ def auto_encoder(cfg: EncoderConfig, device: str, storage: StorageConfig | None 
     rates, encoders = calibrate(cfg, device, storage)
     record(cfg, key, rates, storage)
     choice = decide(device, True, rates, f"measured at start on {key['batch']} texts")
-    return encoders.pop(choice.backend), choice
+    encoder = encoders.pop(choice.backend)
+    encoders.clear()
+    gc.collect()  # the other backend's weights or engine: freed now, not at some later collection
+    return encoder, choice

@@ -200,6 +200,7 @@ def test_local_path_without_ray_matches_the_ray_job(ray_local: None, tmp_path: P
     for name in ("events_read", "impressions_read", "atoms_seen", "unique_atoms", "new_atoms", "encoded", "store_atoms"):
         assert getattr(local, name) == getattr(by_ray, name), name
     assert local.fingerprint_id == by_ray.fingerprint_id
+    assert local.backends == by_ray.backends == ["transformers (configured)"]  # the backend and why, in the summary
     a, b = EmbeddingStore.read(ray_cfg.store.path), EmbeddingStore.read(local_cfg.store.path)
     np.testing.assert_array_equal(a.ids(), b.ids())
     np.testing.assert_allclose(a.lookup(a.ids()), b.lookup(a.ids()), rtol=1e-5, atol=1e-6)

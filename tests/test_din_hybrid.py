@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
@@ -38,10 +37,9 @@ def test_din_trains_and_ignores_padding() -> None:
         torch.testing.assert_close(model(noisy), model(batch))
 
 
-@pytest.mark.slow
 def test_din_attention_learns_when_the_target_was_seen_before() -> None:
     """Click iff the candidate's id is among 8 random behaviours out of 40 ids: a per-field mean of
-    embeddings blurs the match, target attention finds it (held-out AUC > 0.9 after 300 steps; slow tier: ~80 s on the loaded 2-core box)."""
+    embeddings blurs the match, target attention finds it (held-out AUC > 0.9 after 300 steps; 2.6 s alone on 2 cores)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
 

@@ -2,13 +2,17 @@
 
 On a GPU, from the repository root: `PYTHONPATH=. python3 scripts/encode_profile.py` (figures: docs/benchmarks.md).
 """
-import collections, tempfile, time
+import collections
+import tempfile
+import time
 from pathlib import Path
+
 import torch
+
 from bahe_ray.bench import random_checkpoint, random_texts
-from bahe_ray.runtime import setup_device
 from bahe_ray.config import EncoderConfig
 from bahe_ray.encoders.hf import TransformersEncoder
+from bahe_ray.runtime import setup_device
 
 setup_device("cuda")
 with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from test_serve import World, client, good_request, score, url, world  # noqa: F401 - fixtures
 
@@ -173,4 +174,10 @@ def test_shed_requests_retried_after_retry_after_all_succeed(url: str, world: Wo
           f"at most {max(len(a) for _, a in results)} attempts")
     assert set(codes) <= {200, 503}, codes
     assert shed > 0, "the burst was not over capacity"
-    assert all(r.status_code == 200 and r.json()["scores"] == expected for r, _ in results)
+    assert all(r.status_code == 200 for r, _ in results)
+    # equal to 1e-5, the scorer's contract: a request batched with others, or answered from cached item
+    # and user states, may differ from the lone request in the last float bits
+    for r, _ in results:
+        got = r.json()["scores"]
+        assert [c["item_id"] for c in got] == [c["item_id"] for c in expected]
+        np.testing.assert_allclose([c["score"] for c in got], [c["score"] for c in expected], rtol=0, atol=1e-5)

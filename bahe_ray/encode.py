@@ -33,7 +33,7 @@ from bahe_ray.encoders import choose_encoder, encoder_fingerprint
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.runtime import default_device
 from bahe_ray.store import EmbeddingStore, PartWriter
-from bahe_ray.store.store import isin_sorted
+from bahe_ray.store.sorted_ids import isin_sorted
 
 if TYPE_CHECKING:  # Ray is imported where it is used, so the local path runs without it
     import ray.data

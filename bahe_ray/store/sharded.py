@@ -21,7 +21,8 @@ import numpy as np
 from bahe_ray.config import StorageConfig
 from bahe_ray.fs import filesystem
 from bahe_ray.store.parts import load_part, part_vectors
-from bahe_ray.store.store import EmbeddingStore, find_sorted
+from bahe_ray.store.sorted_ids import find_sorted
+from bahe_ray.store.store import EmbeddingStore
 
 _SPREAD = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: consecutive ids spread over the shards
 

@@ -54,6 +54,7 @@ from bahe_ray.store.parts import (
     read_columns,
     read_json,
 )
+from bahe_ray.store.sorted_ids import find_sorted, isin_sorted
 
 COMMIT_ATTEMPTS = 20  # optimistic-concurrency retries before CommitConflictError
 
@@ -516,26 +517,6 @@ class _DedupPlan:
 
 def _as_part(part: PartInfo | Mapping[str, Any]) -> PartInfo:
     return part if isinstance(part, PartInfo) else PartInfo.from_dict(part)
-
-
-def find_sorted(sorted_ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of `query` (1-D) in the ascending `sorted_ids`, and which are really there.
-
-    The query is sorted first: searchsorted over sorted keys is cache friendly, which makes
-    1M random lookups about twice as fast even after paying for the argsort.
-    """
-    if sorted_ids.size == 0:
-        return np.zeros(query.size, np.intp), np.zeros(query.size, bool)
-    order = np.argsort(query)
-    pos = np.empty(query.size, np.intp)
-    pos[order] = np.searchsorted(sorted_ids, query[order])
-    np.minimum(pos, sorted_ids.size - 1, out=pos)
-    return pos, sorted_ids[pos] == query
-
-
-def isin_sorted(query: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """Vectorised membership of `query` (1-D) in an ascending array."""
-    return find_sorted(sorted_ids, query)[1]
 
 
 def _check_same_texts(ids: np.ndarray, texts: pa.Array, stored: pa.Array) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from bahe_ray.runtime import GB
 from bahe_ray.store import EmbeddingStore
-from bahe_ray.store.store import find_sorted
+from bahe_ray.store.sorted_ids import find_sorted
 
 log = logging.getLogger(__name__)
 

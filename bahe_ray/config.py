@@ -117,7 +117,10 @@ class StoreReaderConfig(_Section):
     cache_dir: str | None = None  # node-local folder of the lookup layouts; None: <system temp>/bahe-ray-store-cache
     refresh_s: float = Field(5.0, ge=0)  # lookups check for a newer committed version at most this often; 0: never
     keep_versions: int = Field(2, ge=1)  # layouts kept per store in cache_dir (the current one and older ones)
-    shards: int = Field(0, ge=0)  # > 0: training and evaluation look vectors up in this many Ray actors, each holding 1/shards
+    # > 0: training, evaluation and the Serve scorer look vectors up in this many Ray actors, each holding 1/shards
+    shards: int = Field(0, ge=0)
+    # > 0 (with shards 0): a store whose vectors take more GB than this is read through ceil(GB / this) shards
+    shard_above_gb: float = Field(0.0, ge=0)
 
 
 class StoreConfig(_Section):
@@ -186,6 +189,9 @@ class TrainConfig(_Section):
     max_epochs: int = Field(3, ge=1)
     patience: int = Field(1, ge=0)  # stop after this many epochs without validation-AUC gain; 0: never
     max_failures: int = Field(2, ge=0)
+    # Ray Train's wait for a worker group to start, after a failure or on a scaling cluster (its own default,
+    # 60 s, is shorter than a cloud GPU node's boot: a lost node would end the run instead of resuming it)
+    worker_start_timeout_s: float = Field(900.0, gt=0)
     seed: int = 0
     max_train_samples: int | None = Field(None, ge=1)  # cap on training samples per epoch (quick runs)
     grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0: no clipping

@@ -81,10 +81,7 @@ def start_fake_cluster(temp: Path, idle_timeout_s: float) -> FakeCluster:
     temp.mkdir(parents=True, exist_ok=True)
     (temp / "fake.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           # Ray Train's wait for a restarted worker group (60 s by default) must outlast a lost node's replacement:
-           # the autoscaler drops the dead node after 30 s without heartbeats, then starts a new one.
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     ray_temp = Path("/tmp") / f"ray-fake-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes

@@ -80,6 +80,8 @@ def train_ray(cfg: Config, command: str = "", *, on_epoch: Sequence[EpochCallbac
         datasets={split: dataset(split) for split in ("train", "val")},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
+    # Read by Ray Train's controller, to which the driver's environment is propagated.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(tc.worker_start_timeout_s)
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         state = TrainState.from_dict(read_meta(folder).train_state or {})

@@ -101,12 +101,12 @@ c = load("c-loop")
 if c:
     print(f"\n(c) loop, {c['model']} k={c['k']} N={c['n']} batch {c['batch']}, step {c['step']}")
     print(f"  model level {c['model_level']['samples_per_s']} samples/s")
-    for mode in ("local", "ray"):
-        if mode in c:
-            last = c[mode]["epochs"][-1]
-            print(f"  train_{mode}: {c[mode]['samples_per_s']:.1f} samples/s (last epoch), "
-                  f"{c[mode]['of_model_level']:.1%} of the model level, data wait "
-                  f"{last['data_wait_seconds'] / last['train_seconds']:.1%} of the epoch")
+    runs = [("local", c["local"])] if "local" in c else []
+    for mode, run in runs + [(f"ray, {r['workers']} worker(s)", r) for r in c.get("ray", [])]:
+        last = run["epochs"][-1]
+        print(f"  train_{mode}: {run['samples_per_s']:.1f} samples/s (last epoch), "
+              f"{run['of_model_level']:.1%} of the model level, data wait "
+              f"{last['data_wait_seconds'] / last['train_seconds']:.1%} of the epoch")
 else:
     print("\n(c) no result (see c-loop.log)")
 EOF

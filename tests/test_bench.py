@@ -203,11 +203,38 @@ def test_bench_loop_runs_the_training_loop_end_to_end_against_the_model_alone(tm
                                     "data.synthetic.fields=[purchase]", "train.eval_batch_size=64",
                                     "train.materialize_splits=false"])  # the streamed path; train tests cover the other
     result = bench.bench_loop(cfg, TINY, k=1, n=12, batch=16, epochs=2, workdir=tmp_path, device="cpu",
-                              use_ray=True, warmup=1, steps=2)
-    assert result["samples"]["train"] > 16 and result["unique_atoms"] > 100
-    assert result["model_level"]["samples_per_s"] > 0 and len(result["model_level"]["step_ms_runs"]) == 2
-    for mode in ("local", "ray"):
-        epochs = result[mode]["epochs"]
-        assert len(epochs) == 2 and all(e["train_samples"] == result["samples"]["train"] for e in epochs)
-        assert result[mode]["of_model_level"] == pytest.approx(
-            result[mode]["samples_per_s"] / result["model_level"]["samples_per_s"], abs=1e-3)
+                              use_ray=True, warmup=1, steps=2, workers=(1, 2))
+    loaded = json.loads(bench.write_result(result, tmp_path, "loop").read_text())
+    train = loaded["samples"]["train"]
+    assert train > 32 and loaded["unique_atoms"] > 100
+    model_rate = loaded["model_level"]["samples_per_s"]
+    assert model_rate > 0 and len(loaded["model_level"]["step_ms_runs"]) == 2
+    local, (one, two) = loaded["local"], loaded["ray"]
+    assert [r["workers"] for r in (one, two)] == [1, 2] and [r["global_batch"] for r in (one, two)] == [16, 32]
+    for run, workers in ((local, 1), (one, 1), (two, 2)):
+        epochs = run["epochs"]
+        # 2 workers: Ray Data's equal split drops at most one row, and no row is trained on twice
+        assert len(epochs) == 2 and all(train - workers < e["train_samples"] <= train for e in epochs)
+        assert run["samples_per_s"] == epochs[-1]["samples_per_s"] > 0
+        assert run["of_model_level"] == pytest.approx(run["samples_per_s"] / workers / model_rate, abs=1e-3)
+    # efficiency from the two measured rates (2 gloo workers on 2 shared cores: any value, not a constant)
+    assert two["samples_per_s_per_worker"] == pytest.approx(two["samples_per_s"] / 2, abs=0.1)
+    assert two["scaling_efficiency"] == pytest.approx(two["samples_per_s"] / (2 * one["samples_per_s"]), abs=1e-3)
+    assert one["scaling_efficiency"] == 1.0 and two["samples_per_day"] == round(two["samples_per_s"] * 86_400)
+
+
+def test_loop_scaling_efficiency_is_the_rate_over_n_times_the_one_worker_rate() -> None:
+    rows = bench.loop_scaling([{"workers": w, "samples_per_s": r} for w, r in ((1, 100.0), (2, 180.0), (8, 640.0))])
+    assert [r["scaling_efficiency"] for r in rows] == [1.0, 0.9, 0.8]
+    assert [r["samples_per_s_per_worker"] for r in rows] == [100.0, 90.0, 80.0]
+    assert rows[2]["samples_per_day"] == 640 * 86_400
+    without_one = bench.loop_scaling([{"workers": 2, "samples_per_s": 180.0}])
+    assert without_one[0]["scaling_efficiency"] is None and without_one[0]["samples_per_s_per_worker"] == 90.0
+
+
+def test_bench_loop_refuses_a_cuda_graph_with_several_workers_before_any_work(tmp_path: Path) -> None:
+    cfg = with_overrides(Config(), ["train.use_gpu=true", "train.cuda_graph=true"])
+    with pytest.raises(ValueError, match="train.cuda_graph: one worker only"):
+        bench.bench_loop(cfg, TINY, k=1, n=12, batch=16, epochs=1, workdir=tmp_path, device="cuda", use_ray=True,
+                         warmup=0, steps=1, workers=(1, 2))
+    assert not any(tmp_path.iterdir())  # no log, model or store was built

@@ -38,7 +38,7 @@ from bahe_ray.bench.harness import (
     time_calls,
     write_result,
 )
-from bahe_ray.bench.loop import bench_loop
+from bahe_ray.bench.loop import bench_loop, loop_scaling
 from bahe_ray.bench.pipeline import bench_pipeline
 from bahe_ray.bench.scale import bench_scale, plot_scale
 from bahe_ray.bench.serve import bench_serve, run_serve_benchmark
@@ -49,7 +49,8 @@ __all__ = [
     "TrainSide", "attention_width", "bench_encode", "bench_encode_model",
     "bench_encode_source", "bench_encode_texts", "bench_loop", "bench_pipeline", "bench_scale", "bench_serve",
     "bench_train",
-    "best_trial", "encode_throughput", "format_train", "forward_flops", "free_memory", "layer_parameters", "main",
+    "best_trial", "encode_throughput", "format_train", "forward_flops", "free_memory", "layer_parameters", "loop_scaling",
+    "main",
     "matmul_peak_tflops", "plot_scale", "plot_train", "random_checkpoint", "random_store", "random_texts",
     "run_serve_benchmark",
     "search_batch", "time_calls", "write_result",

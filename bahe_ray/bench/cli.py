@@ -111,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--n", type=int, default=100, help="behaviours per field")
     lp.add_argument("--batch", type=int, default=256)
     lp.add_argument("--epochs", type=int, default=2)
-    lp.add_argument("--no-ray", action="store_true", help="skip the Ray Train run")
+    lp.add_argument("--no-ray", action="store_true", help="skip the Ray Train runs")
+    lp.add_argument("--no-local", action="store_true", help="skip the run without Ray (train_local)")
+    lp.add_argument("--workers", type=int, nargs="+", default=[1],
+                    help="Ray Train worker counts, one run each (train.num_workers; one GPU per worker on GPU); "
+                         "--batch is per worker; with 1 in the list each run reports its scaling efficiency")
     lp.add_argument("--warmup", type=int, default=3)
     lp.add_argument("--steps", type=int, default=10)
     common(lp)
@@ -204,10 +208,13 @@ def run_serve(cfg: Config, args: argparse.Namespace) -> Path:
 
 def run_loop(cfg: Config, args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
+    workers = "" if args.workers == [1] else "-workers-" + "-".join(map(str, args.workers))
+    name = args.name or f"loop-{Path(args.model).name}-{device.split(':')[0]}{workers}"
     with tempfile.TemporaryDirectory() as tmp:
         result = bench_loop(cfg, args.model, args.k, args.n, args.batch, args.epochs, tmp, device,
-                            not args.no_ray, args.warmup, args.steps)
-    path = write_result(result, args.out, args.name or f"loop-{args.model}-{device.split(':')[0]}")
+                            not args.no_ray, args.warmup, args.steps, args.workers, not args.no_local,
+                            progress=lambda partial: write_result(partial, args.out, name))
+    path = write_result(result, args.out, name)
     print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
     return path
 

@@ -205,3 +205,26 @@ def test_local_path_without_ray_matches_the_ray_job(ray_local: None, tmp_path: P
     np.testing.assert_array_equal(a.ids(), b.ids())
     np.testing.assert_allclose(a.lookup(a.ids()), b.lookup(a.ids()), rtol=1e-5, atol=1e-6)
     assert run_encode_local(local_cfg, device="cpu").new_atoms == 0
+
+
+def test_two_encoder_actors_store_every_atom_once(ray_local: None, tmp_path: Path, ml_files: dict[str, str]) -> None:
+    """The actor pool with 2 CPU actors (batches of 64 atoms, so both get work): every unique atom is encoded and
+    written by exactly one actor. Exact: the part files on disk, all committed as written (no part the commit had
+    to rewrite or skip for ids another actor already wrote), hold the unique atoms once each."""
+    import pyarrow.dataset as pads
+
+    cfg = make_config(tmp_path, ml_files, **{"encoder.num_actors": "2", "encoder.num_cpus_per_actor": "1",
+                                             "encoder.batch_size": "64"})
+    summary = run_encode(cfg)
+    unique = expected_unique(ml_files)
+    assert summary.unique_atoms == summary.new_atoms == summary.encoded == len(unique)
+    store = EmbeddingStore.read(cfg.store.path)
+    assert store.num_atoms == len(unique) and store.verify().ok
+    written = sorted(p.name for p in (tmp_path / "store" / "parts").iterdir())
+    assert written == sorted(p.name for p in store.parts) and len(written) >= 2
+    ids = pads.dataset([str(tmp_path / "store" / "parts" / name) for name in written]).to_table(
+        columns=["atom_id"]).column("atom_id").to_numpy()
+    assert ids.size == len(unique) == np.unique(ids).size
+    sample = store.ids()[::max(1, store.num_atoms // 20)]
+    direct = build_encoder(cfg.encoder, device="cpu").encode(store.texts(sample))
+    np.testing.assert_allclose(store.lookup(sample), direct, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ sub-linear).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +127,9 @@ def bench_scale(cfg: Config, sizes: list[int], workdir: str | Path, events_per_a
         "impressions_per_user": cfg.data.synthetic.impressions_per_user, "sizes": list(earlier or []),
     }
     for events in sorted(sizes):
+        # Every stage runs from nothing: a size's folder left by an earlier run would be reused (its prepared
+        # data), or refused (its store was encoded by another random encoder).
+        shutil.rmtree(work / f"events-{events}", ignore_errors=True)
         size_cfg = size_config(cfg, events, events_per_atom, events_per_user, n, checkpoint, work / f"events-{events}")
         result["sizes"] = sorted([*result["sizes"], run_size(size_cfg, interval)], key=lambda s: s["events"])
         result["growth"] = growth(result["sizes"])

@@ -38,6 +38,7 @@ from bahe_ray.data import movielens
 from bahe_ray.encoders import build_encoder
 from bahe_ray.samples import hist_column, sample_schema
 from bahe_ray.serve import APP_NAME, AtomEncoder, load_scorer_state
+from bahe_ray.serve.batch import Prepared, score_batch
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
 from bahe_ray.train import evaluate_checkpoint
 
@@ -199,6 +200,27 @@ def test_scores_follow_candidate_order(client: httpx.Client, world: World) -> No
     np.testing.assert_allclose(again[::-1], values, atol=1e-6)
     other_user = {**body, "behaviors": {"liked": body["behaviors"]["disliked"], "disliked": body["behaviors"]["liked"]}}
     assert np.abs(np.array([s["score"] for s in score(client, other_user)["scores"]]) - values).max() > 1e-5
+
+
+def test_scorer_past_the_shard_threshold_reads_shard_actors(ray_local: None, world: World) -> None:
+    """store.reader.shard_above_gb below the store's vector bytes: the loaded scorer looks vectors up in
+    ceil(bytes / threshold) shard actors and scores as the scorer on the mapped store does."""
+    store = EmbeddingStore.read(world.cfg.store.path)
+    cfg = world.cfg.model_copy(deep=True)
+    cfg.store.reader.shard_above_gb = store.num_atoms * store.dim * np.dtype(store.dtype).itemsize / 1e9 / 1.5
+    mapped = load_scorer_state(world.checkpoints[0], world.cfg, world.fingerprint)
+    sharded = load_scorer_state(world.checkpoints[0], cfg, world.fingerprint)
+    assert mapped.sharded is None and sharded.sharded is not None and len(sharded.sharded.actors) == 2
+    s = world.stored
+    histories = [(atom_ids(s["liked"][:N]), atom_ids(s["disliked"][:3])), (atom_ids(s["liked"][3:5]), [])]
+    items = atom_ids(s["items"][:4]).tolist()
+    empty = np.zeros(0, np.int64), np.zeros((0, store.dim), np.float32)
+
+    def scores(loaded: Any) -> np.ndarray:
+        requests = [Prepared(loaded, [tuple(map(int, h)) for h in user], items, *empty) for user in histories]
+        return np.concatenate([r.scores for r in score_batch(requests)])
+
+    np.testing.assert_allclose(scores(sharded), scores(mapped), atol=1e-5, rtol=0)
 
 
 # ---- served == offline ----------------------------------------------------------------------

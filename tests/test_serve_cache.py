@@ -1,12 +1,16 @@
 """The scorer's state caches and batched model call, without Ray: a small random BaheCTR on a real local store.
 
 Served scores with the caches on, off, cold and warm equal `BaheCTR.forward` on the offline batch of
-the same sample rows; a store version change empties the caches; the LRU keeps its bound.
+the same sample rows; a store version change empties the caches; the LRU keeps its bound. With shard
+actors (local Ray) the scores equal those from the mapped store, and a commit reaches the scorer.
 """
 
 from __future__ import annotations
 
 import copy
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,9 +18,9 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from bahe_ray.config import ModelConfig
+from bahe_ray.config import ModelConfig, StoreReaderConfig
 from bahe_ray.encoders.base import EncoderFingerprint
-from bahe_ray.features import bahe_batch, sample_arrays
+from bahe_ray.features import MissingVectorsError, bahe_batch, sample_arrays
 from bahe_ray.models.backbone import backbone_from_config
 from bahe_ray.models.ctr import BaheCTR
 from bahe_ray.samples import hist_column
@@ -24,6 +28,7 @@ from bahe_ray.serve.batch import Loaded, Prepared, score_batch, warm_item_states
 from bahe_ray.serve.cache import StateCache, StateCaches
 from bahe_ray.serve.schema import ModelInfo
 from bahe_ray.store import EmbeddingStore
+from bahe_ray.store.sharded import ShardedStore
 
 DIM, N, FIELDS = 32, 6, ["liked", "disliked"]
 FP = EncoderFingerprint(model_name="tiny", weights_sha256="cd" * 32, k=1, pooling="mean", dtype="float32",
@@ -62,13 +67,18 @@ def model() -> BaheCTR:
     return net.eval()
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingStore:
-    path = str(tmp_path_factory.mktemp("store") / "store")
+def write_store(path: str) -> None:
+    """Atoms 1..40 with random vectors, committed as version 1."""
     writer = EmbeddingStore.open(path, FP, DIM)
     ids = np.arange(1, 41, dtype=np.int64)
     writer.add(ids, np.random.default_rng(1).standard_normal((40, DIM)).astype(np.float32), [f"a{i}" for i in ids])
     writer.commit()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingStore:
+    path = str(tmp_path_factory.mktemp("store") / "store")
+    write_store(path)
     return EmbeddingStore.read(path)
 
 
@@ -150,3 +160,38 @@ def test_caches_on_the_gpu_under_bf16_autocast(model: BaheCTR, store: EmbeddingS
     assert sum(s.item_states_cached for s in warm) == 15 and loaded.caches.items.rows.is_cuda
     np.testing.assert_allclose(np.concatenate([s.scores for s in warm]), cold, atol=1e-6, rtol=0)
     np.testing.assert_allclose(cold, offline_scores(model, store, requests), atol=2e-2, rtol=0)
+
+
+def test_sharded_scorer_equals_the_mapped_store_and_follows_a_commit(
+    model: BaheCTR, tmp_path: Path, ray_local: None
+) -> None:
+    """The scorer reading 2 shard actors: the scores of the mapped store, no layout mapped, and a commit (atom 99,
+    unknown before) reaches it within store.reader.refresh_s, emptying its caches."""
+    path = str(tmp_path / "store")
+    write_store(path)
+    mapped = loaded_with(model, EmbeddingStore.read(path), 1000, 1000)
+    store = EmbeddingStore.read(path, reader=StoreReaderConfig(cache_dir=str(tmp_path / "cache"), refresh_s=0.2))
+    sharded = replace(loaded_with(model, store, 1000, 1000), sharded=ShardedStore(store, shards=2))
+    assert warm_item_states(sharded) == 40
+    for seed in (0, 1, 0):
+        got = score_batch(requests_of(sharded, seed))
+        want = score_batch(requests_of(mapped, seed))
+        np.testing.assert_allclose(np.concatenate([s.scores for s in got]), np.concatenate([s.scores for s in want]),
+                                   atol=1e-5, rtol=0)
+    late = [replace(r, items=[*r.items, 99], histories=[(*r.histories[0][1:], 99), *r.histories[1:]])
+            for r in requests_of(sharded, 2)]
+    with pytest.raises(MissingVectorsError):  # neither stored nor encoded
+        score_batch(late)
+    writer = EmbeddingStore.read(path)
+    writer.add(np.array([99], np.int64), np.ones((1, DIM), np.float32), ["new"])
+    writer.commit()
+    time.sleep(0.3)  # past refresh_s: the next lookup (the Scorer's stored-or-not check) moves the shards, the store
+    assert sharded.vectors.lookup_with_mask(np.array([99, 1000]))[1].tolist() == [True, False]
+    got = score_batch(late)
+    assert store.version == 2 and all(s.store_version == 2 for s in got)
+    assert sharded.caches.invalidations == 1 and sum(s.item_states_cached for s in got) == 0
+    mapped.store.refresh()
+    want = score_batch([replace(r, loaded=mapped) for r in late])
+    np.testing.assert_allclose(np.concatenate([s.scores for s in got]), np.concatenate([s.scores for s in want]),
+                               atol=1e-5, rtol=0)
+    assert not (tmp_path / "cache").exists()  # the sharded scorer mapped no layout

@@ -19,7 +19,7 @@ from bahe_ray.store import CommitConflictError, EmbeddingStore, StoreCorruptErro
 from bahe_ray.store import store as store_module
 from bahe_ray.store.compact import plan_compaction
 from bahe_ray.store.manifest import PartInfo
-from bahe_ray.store.sharded import ShardedStore, StoreShard, shard_of
+from bahe_ray.store.sharded import ShardedStore, StoreShard, shard_count, shard_of
 from tests.test_store import DIM, FP, texts_for, vectors_for
 
 
@@ -242,13 +242,29 @@ def test_shards_partition_the_store(tmp_path: Path) -> None:
     assert sum(s.rows() for s in shards) == ids.size + new.size
 
 
+def test_shard_count_off_by_config_and_past_the_threshold(tmp_path: Path) -> None:
+    store = filled_store(tmp_path / "store", random_ids(1_000), parts=1, dtype="float16", dim=500)  # 1 MB of vectors
+    assert shard_count(store, StoreReaderConfig()) == 0  # off by default
+    assert shard_count(store, StoreReaderConfig(shards=3)) == 3
+    assert shard_count(store, StoreReaderConfig(shards=3, shard_above_gb=0.0001)) == 3  # shards wins
+    assert shard_count(store, StoreReaderConfig(shard_above_gb=0.002)) == 0  # not past the threshold
+    assert shard_count(store, StoreReaderConfig(shard_above_gb=0.0004)) == 3  # ceil(1.0 MB / 0.4 MB)
+    assert shard_count(store, StoreReaderConfig(shard_above_gb=0.0006)) == 2
+
+
 def test_sharded_lookup_equals_the_store(tmp_path: Path, ray_local: None) -> None:
+    import ray
+
     ids = random_ids(4_000)
     store = filled_store(tmp_path / "store", ids, parts=4, dtype="float16")
-    sharded = ShardedStore(store.path, shards=3)
+    sharded = ShardedStore(EmbeddingStore.read(store.path), shards=3)
     query = np.stack([ids[::7][:300], np.append(ids[:299], 12345)])  # 2-D, one absent id
     want_vectors, want_found = reader(store, tmp_path).lookup_with_mask(query)
     vectors, found = sharded.lookup_with_mask(query)
     np.testing.assert_array_equal(found, want_found)
     assert vectors.dtype == np.float32 and vectors.tobytes() == want_vectors.tobytes()
     assert sum(sharded.rows()) == ids.size
+    ray.kill(sharded.actors[1])  # a shard lost (its starter gone): the next lookup starts it again
+    vectors, found = sharded.lookup_with_mask(query)
+    np.testing.assert_array_equal(found, want_found)
+    assert vectors.tobytes() == want_vectors.tobytes() and sum(sharded.rows()) == ids.size

@@ -21,6 +21,7 @@ from bahe_ray.models.ctr import BaheCTR
 from bahe_ray.serve.cache import StateCaches
 from bahe_ray.serve.schema import ModelInfo
 from bahe_ray.store import EmbeddingStore
+from bahe_ray.store.sharded import ShardedStore
 from bahe_ray.train.step import autocast
 
 UserKey = tuple[int, tuple[int, ...]]  # (field index, the history's atom ids)
@@ -29,7 +30,7 @@ UserKey = tuple[int, tuple[int, ...]]  # (field index, the history's atom ids)
 class StoreAndEncoded:
     """A features.VectorSource: the store, then the vectors encoded online for this batch."""
 
-    def __init__(self, store: EmbeddingStore, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def __init__(self, store: VectorSource, ids: np.ndarray, vectors: np.ndarray) -> None:
         order = np.argsort(ids)
         self.store, self.ids, self.vectors = store, ids[order], vectors[order]
 
@@ -48,11 +49,17 @@ class Loaded:
     """One checkpoint with the store it reads and its state caches; a rollout swaps the whole of it at once."""
 
     model: BaheCTR
-    store: EmbeddingStore
+    store: EmbeddingStore  # the manifest (version, size); the vectors too unless sharded
     info: ModelInfo
     device: str
     dtype: torch.dtype | None  # autocast dtype (None: fp32)
     caches: StateCaches
+    sharded: ShardedStore | None = None  # vectors looked up from shard actors (store.reader.shards, shard_above_gb)
+
+    @property
+    def vectors(self) -> VectorSource:
+        """Where the scorer's vectors come from: the shard actors, else the store's node layout."""
+        return self.sharded or self.store
 
 
 @dataclass
@@ -96,7 +103,7 @@ def _score_one_checkpoint(loaded: Loaded, requests: list[Prepared]) -> list[Scor
     version = loaded.store.version
     loaded.caches.for_store(version)
     source = StoreAndEncoded(
-        loaded.store, np.concatenate([r.encoded_ids for r in requests]), np.concatenate([r.encoded for r in requests])
+        loaded.vectors, np.concatenate([r.encoded_ids for r in requests]), np.concatenate([r.encoded for r in requests])
     )
     item_keys = list(dict.fromkeys(a for r in requests for a in r.items))
     user_keys: list[UserKey] = list(dict.fromkeys((f, h) for r in requests for f, h in enumerate(r.histories)))
@@ -154,7 +161,7 @@ def warm_item_states(loaded: Loaded, batch: int = 4096) -> int:
     atoms = loaded.store.ids()[: caches.items.capacity].tolist()
     with torch.inference_mode(), autocast(loaded.device, loaded.dtype):
         for start in range(0, len(atoms), batch):
-            caches.items.states(atoms[start : start + batch], lambda keys: item_states(loaded, loaded.store, keys))
+            caches.items.states(atoms[start : start + batch], lambda keys: item_states(loaded, loaded.vectors, keys))
     return len(atoms)
 
 

@@ -42,6 +42,7 @@ from bahe_ray.serve.schema import (
     ScoreTimings,
 )
 from bahe_ray.store import EmbeddingStore
+from bahe_ray.store.sharded import ShardedStore, shard_count
 from bahe_ray.train.step import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def scorer_device(cfg: Config) -> str:
 
 def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) -> Loaded:
     """Load a checkpoint and its store, checking they and the online encoder share one fingerprint; new,
-    empty state caches (filled with the store's item states first with serve.warm_items)."""
+    empty state caches (filled with the store's item states first with serve.warm_items). Vectors come from
+    the node layout, or from shard actors when `shard_count` says so (the store then reads only manifests)."""
     device = scorer_device(cfg)
     model, meta = load_checkpoint(checkpoint, cfg.storage, device)
     if meta.model_kind != "bahe" or meta.store_path is None:
@@ -74,7 +76,6 @@ def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) ->
         f"checkpoint {checkpoint}",
         {"checkpoint": meta.encoder_fingerprint_id, "store": store.fingerprint, "online encoder": encoder_fingerprint},
     )
-    store.lookup_with_mask(np.zeros(0, np.int64))  # load the lookup table now, not on the first request
     info = ModelInfo(
         kind=meta.model_kind,
         version=meta.model_sha256[:16],
@@ -88,10 +89,14 @@ def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) ->
         store_atoms=store.num_atoms,
     )
     caches = StateCaches(cfg.serve.item_cache_size, cfg.serve.user_cache_size, meta.dim, device)
-    loaded = Loaded(model.eval(), store, info, device, autocast_dtype(cfg.serve.precision, device), caches)
+    shards = shard_count(store, cfg.store.reader)
+    sharded = ShardedStore(store, shards) if shards else None
+    loaded = Loaded(model.eval(), store, info, device, autocast_dtype(cfg.serve.precision, device), caches, sharded)
+    loaded.vectors.lookup_with_mask(np.zeros(0, np.int64))  # map the layout (reach the shards) now, not on a request
     if cfg.serve.warm_items:
         log.info("warm item states: %d atoms", warm_item_states(loaded))
-    log.info("loaded checkpoint %s (version %s, store v%d)", checkpoint, info.version, info.store_version)
+    log.info("loaded checkpoint %s (version %s, store v%d, %d shards)", checkpoint, info.version, info.store_version,
+             shards)
     return loaded
 
 
@@ -248,7 +253,7 @@ class Scorer:
         text_ids = iter(atom_ids([c.text for c in req.candidates if c.text is not None]).tolist())
         items = [c.atom_id if c.text is None else next(text_ids) for c in req.candidates]
         atoms += [(a, c.text, f"candidates[{i}].atom_id") for i, (a, c) in enumerate(zip(items, req.candidates))]
-        _, found = loaded.store.lookup_with_mask(np.array([a for a, _, _ in atoms], np.int64))
+        _, found = loaded.vectors.lookup_with_mask(np.array([a for a, _, _ in atoms], np.int64))
         new: dict[int, str] = {}
         for (atom, text, where), stored in zip(atoms, found.tolist()):
             if stored:

@@ -25,7 +25,7 @@ from bahe_ray.features import (
 )
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.store import EmbeddingStore
-from bahe_ray.store.sharded import ShardedStore
+from bahe_ray.store.sharded import ShardedStore, shard_count
 from bahe_ray.train.device_table import DeviceTable, device_table
 
 
@@ -40,7 +40,7 @@ class BatchInputs:
     store: EmbeddingStore | None = None
     tokens: TokenCache | None = None
     table: DeviceTable | None = None  # BAHE: the store's vectors on the device; batches then carry rows
-    sharded: ShardedStore | None = None  # store.reader.shards > 0: vectors looked up from shard actors
+    sharded: ShardedStore | None = None  # vectors looked up from shard actors (`shard_count` > 0)
     fixed_shape: bool = False  # every batch of B rows has one shape (a captured step replays one)
 
     def arrays(self, table: pa.Table) -> SampleArrays:
@@ -74,7 +74,8 @@ def batch_inputs(
     if kind in VECTOR_KINDS:
         if store.dim != hidden:
             raise ValueError(f"store {store.path} holds {store.dim}-d vectors; the model's layers are {hidden}-d")
-        sharded = ShardedStore(store.path, store.storage, cfg.store.reader.shards) if cfg.store.reader.shards else None
+        shards = shard_count(store, cfg.store.reader)
+        sharded = ShardedStore(store, shards) if shards else None
         return BatchInputs(kind, fields, n, dim=store.dim, store=store, sharded=sharded)
     from transformers import AutoTokenizer
 

@@ -12,13 +12,7 @@
 #   bash scripts/h200_train_step.sh
 # (LOOP_MODEL: a Qwen2 preset or a folder with a Qwen2 config.json; bench loop builds random weights of it.)
 # PARTS=bc runs only parts b and c (the table reads whatever $OUT holds); ABL_ONLY=NAME only the ablation rows matching NAME.
-set -u
-: "${OUT:?set OUT to the folder for the results}"
-BUNDLE=${RAYBUNDLE-.raybundle/install.sh}  # RAYBUNDLE= (empty): Ray is installed already
-if [ -n "$BUNDLE" ] && [ -f "$BUNDLE" ]; then source "$BUNDLE" || exit 1; fi
-mkdir -p "$OUT"
-export PYTHONPATH=${PYTHONPATH:-}:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+source "$(dirname "$0")/device_env.sh"
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-qwen2.5-0.5b}; K=${K:-6}; LIMIT=${PART_LIMIT:-480}
 N=${N:-200}; BEST_N=${BEST_N:-100}; MAX_BATCH=${MAX_BATCH:-2048}; BATCH=${BATCH:-256}

@@ -25,13 +25,7 @@
 #   OUT=/tmp/mg RAYBUNDLE= DEVICE=cpu GPUS=2 LOOP_MODEL=/tmp/tiny-qwen2 K=1 N=8 BATCH=16 USERS=20 EVENTS=3000 \
 #   IMPRESSIONS=8 ATOMS=300 COMPILE= CPUS_PER_WORKER=1 WARMUP=0 STEPS=1 PARTS=a bash scripts/multi_gpu.sh
 # (LOOP_MODEL: a Qwen2 preset or a folder with a Qwen2 config.json; bench loop builds random weights of it.)
-set -u
-: "${OUT:?set OUT to the folder for the results}"
-BUNDLE=${RAYBUNDLE-.raybundle/install.sh}  # RAYBUNDLE= (empty): Ray is installed already
-if [ -n "$BUNDLE" ] && [ -f "$BUNDLE" ]; then source "$BUNDLE" || exit 1; fi
-mkdir -p "$OUT"
-export PYTHONPATH=${PYTHONPATH:-}:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+source "$(dirname "$0")/device_env.sh"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}; LIMIT=${PART_LIMIT:-570}; PARTS=${PARTS:-a}

@@ -129,8 +129,9 @@ def bench_scale(cfg: Config, sizes: list[int], workdir: str | Path, events_per_a
     for events in sorted(sizes):
         # Every stage runs from nothing: a size's folder left by an earlier run would be reused (its prepared
         # data), or refused (its store was encoded by another random encoder).
-        shutil.rmtree(work / f"events-{events}", ignore_errors=True)
-        size_cfg = size_config(cfg, events, events_per_atom, events_per_user, n, checkpoint, work / f"events-{events}")
+        folder = work / f"events-{events}"
+        shutil.rmtree(folder, ignore_errors=True)
+        size_cfg = size_config(cfg, events, events_per_atom, events_per_user, n, checkpoint, folder)
         result["sizes"] = sorted([*result["sizes"], run_size(size_cfg, interval)], key=lambda s: s["events"])
         result["growth"] = growth(result["sizes"])
         if progress is not None:

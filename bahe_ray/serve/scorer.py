@@ -42,7 +42,7 @@ from bahe_ray.serve.schema import (
     ScoreTimings,
 )
 from bahe_ray.store import EmbeddingStore
-from bahe_ray.store.sharded import ShardedStore, shard_count
+from bahe_ray.store.sharded import open_sharded
 from bahe_ray.train.step import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,13 @@ def load_scorer_state(checkpoint: str, cfg: Config, encoder_fingerprint: str) ->
         store_atoms=store.num_atoms,
     )
     caches = StateCaches(cfg.serve.item_cache_size, cfg.serve.user_cache_size, meta.dim, device)
-    shards = shard_count(store, cfg.store.reader)
-    sharded = ShardedStore(store, shards) if shards else None
+    sharded = open_sharded(store, cfg.store.reader)
     loaded = Loaded(model.eval(), store, info, device, autocast_dtype(cfg.serve.precision, device), caches, sharded)
     loaded.vectors.lookup_with_mask(np.zeros(0, np.int64))  # map the layout (reach the shards) now, not on a request
     if cfg.serve.warm_items:
         log.info("warm item states: %d atoms", warm_item_states(loaded))
     log.info("loaded checkpoint %s (version %s, store v%d, %d shards)", checkpoint, info.version, info.store_version,
-             shards)
+             sharded.shards if sharded else 0)
     return loaded
 
 

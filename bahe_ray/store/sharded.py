@@ -47,6 +47,12 @@ def shard_count(store: EmbeddingStore, reader: StoreReaderConfig) -> int:
     return math.ceil(gb / reader.shard_above_gb) if gb > reader.shard_above_gb else 0
 
 
+def open_sharded(store: EmbeddingStore, reader: StoreReaderConfig) -> ShardedStore | None:
+    """The shard actors a reader of `store` looks vectors up in, or None (the node layout): see `shard_count`."""
+    shards = shard_count(store, reader)
+    return ShardedStore(store, shards) if shards else None
+
+
 def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
     """Which of `shards` shards holds each id (1-D int64)."""
     return ((ids.astype(np.int64).view(np.uint64) * _SPREAD) >> np.uint64(32)) % np.uint64(shards)

@@ -25,7 +25,7 @@ from bahe_ray.features import (
 )
 from bahe_ray.models.registry import resolve_model_path
 from bahe_ray.store import EmbeddingStore
-from bahe_ray.store.sharded import ShardedStore, shard_count
+from bahe_ray.store.sharded import ShardedStore, open_sharded
 from bahe_ray.train.device_table import DeviceTable, device_table
 
 
@@ -74,9 +74,7 @@ def batch_inputs(
     if kind in VECTOR_KINDS:
         if store.dim != hidden:
             raise ValueError(f"store {store.path} holds {store.dim}-d vectors; the model's layers are {hidden}-d")
-        shards = shard_count(store, cfg.store.reader)
-        sharded = ShardedStore(store, shards) if shards else None
-        return BatchInputs(kind, fields, n, dim=store.dim, store=store, sharded=sharded)
+        return BatchInputs(kind, fields, n, dim=store.dim, store=store, sharded=open_sharded(store, cfg.store.reader))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.encoder.model)))

@@ -1,7 +1,8 @@
 """One committed store version as memory-mapped files on the node: every reader process maps one copy.
 
 Training workers, evaluation and Serve replicas on a node all look vectors up in the same two files,
-so the OS page cache holds the vectors once per node, however many processes read them:
+so the OS page cache holds the vectors once per node, however many processes read them (each process
+adds only its directory over the ids, `sorted_ids.IdIndex`: 2 bytes per atom):
 
   <cache_dir>/<store key>/v<8 digits>-<parts digest>/
       ids.npy       int64 (n,), ascending
@@ -10,7 +11,7 @@ so the OS page cache holds the vectors once per node, however many processes rea
 
 Why files rather than Ray's object store: the layout outlives a Ray session (a Serve replica, a
 training job and a hand-run evaluation share it, a restarted replica maps it in milliseconds), and
-`np.searchsorted` over the mapped ids keeps a lookup one vectorised call per batch. The folder name
+a search over the mapped ids keeps a lookup one vectorised call per batch. The folder name
 carries a digest of the version's part names, so a store re-created at the same path never meets
 an older layout.
 
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 from bahe_ray.store.manifest import PARTS_DIR, Manifest, PartInfo, StoreCorruptError
 from bahe_ray.store.parts import IO_THREADS, list_folder, load_part, parallel, part_vectors, read_columns
+from bahe_ray.store.sorted_ids import IdIndex
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,10 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class NodeLayout:
-    """The mapped ids and vectors of one committed version (empty arrays for version 0)."""
+    """The mapped ids (with this process's directory over them) and vectors of one committed version."""
 
     version: int
-    ids: np.ndarray  # int64, ascending
+    index: IdIndex  # over the mapped int64 ids, ascending
     vectors: np.ndarray  # (len(ids), dim) in the store's dtype
     folder: Path | None = None
 
@@ -92,7 +94,7 @@ def open_layout(
     altered (while building), or when an existing layout was built from parts now gone.
     """
     if not manifest.parts:
-        return NodeLayout(manifest.version, np.empty(0, np.int64), np.empty((0, dim), dtype))
+        return NodeLayout(manifest.version, IdIndex.build(np.empty(0, np.int64)), np.empty((0, dim), dtype))
     folder = layout_folder(cache_dir, store_key, manifest)
     if folder.exists():
         _check_parts_present(fs, root, manifest)
@@ -219,7 +221,7 @@ def _map(folder: Path, manifest: Manifest, dim: int, dtype: str) -> NodeLayout:
     n = manifest.total_atoms
     if ids.shape != (n,) or ids.dtype != np.int64 or vectors.shape != (n, dim) or vectors.dtype != np.dtype(dtype):
         raise StoreCorruptError(f"{folder}: node layout does not match v{manifest.version}; delete it to rebuild it")
-    return NodeLayout(manifest.version, np.asarray(ids), np.asarray(vectors), folder)
+    return NodeLayout(manifest.version, IdIndex.build(np.asarray(ids)), np.asarray(vectors), folder)
 
 
 def _check_parts_present(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:

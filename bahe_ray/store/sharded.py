@@ -26,7 +26,7 @@ import numpy as np
 from bahe_ray.config import StorageConfig, StoreReaderConfig
 from bahe_ray.fs import filesystem
 from bahe_ray.store.parts import load_part, part_vectors
-from bahe_ray.store.sorted_ids import find_sorted
+from bahe_ray.store.sorted_ids import IdIndex, take_rows
 from bahe_ray.store.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class StoreShard:
         self.fs, self.root = filesystem(path, storage)
         self.index, self.shards = index, shards
         self.held: set[str] = set()
-        self.ids = np.empty(0, np.int64)
+        self.id_index = IdIndex.build(np.empty(0, np.int64))
         self.vectors = np.empty((0, self.store.dim), self.store.dtype)
         self._load()
 
@@ -78,24 +78,19 @@ class StoreShard:
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(vectors in the store's dtype with zero rows where absent, found mask) of ids of this shard."""
-        pos, found = find_sorted(self.ids, ids)
-        if self.ids.size == 0:
-            return np.zeros((ids.size, self.store.dim), self.store.dtype), found
-        out = np.take(self.vectors, pos, axis=0)
-        out[~found] = 0
-        return out, found
+        return take_rows(self.id_index, self.vectors, ids, self.vectors.dtype)
 
     def rows(self) -> int:
-        return int(self.ids.size)
+        return int(self.id_index.ids.size)
 
     def _load(self) -> None:
         parts = self.store.parts
         if not self.held <= {p.name for p in parts}:  # a compacted version: same rows, other parts
-            self.held, self.ids, self.vectors = set(), self.ids[:0], self.vectors[:0]
+            self.held, self.id_index, self.vectors = set(), IdIndex.build(self.id_index.ids[:0]), self.vectors[:0]
         new = [p for p in parts if p.name not in self.held]
         if not new:  # the same version (a reader's periodic refresh): nothing to sort again
             return
-        ids, vectors = [self.ids], [self.vectors]
+        ids, vectors = [self.id_index.ids], [self.vectors]
         for part in new:
             table = load_part(self.fs, self.root, part, self.store.dim, self.store.dtype)
             part_ids = table.column("atom_id").to_numpy()
@@ -105,7 +100,7 @@ class StoreShard:
             self.held.add(part.name)
         merged = np.concatenate(ids)
         order = np.argsort(merged, kind="stable")
-        self.ids, self.vectors = merged[order], np.concatenate(vectors)[order]
+        self.id_index, self.vectors = IdIndex.build(merged[order]), np.concatenate(vectors)[order]
 
 
 class ShardedStore:

@@ -54,7 +54,7 @@ from bahe_ray.store.parts import (
     read_columns,
     read_json,
 )
-from bahe_ray.store.sorted_ids import find_sorted, isin_sorted
+from bahe_ray.store.sorted_ids import isin_sorted, take_rows
 
 COMMIT_ATTEMPTS = 20  # optimistic-concurrency retries before CommitConflictError
 
@@ -364,16 +364,11 @@ class EmbeddingStore:
         """(vectors with zero rows for uncommitted ids, boolean found mask), shaped like ids.
 
         Vectors come as `dtype`; None gives the store's own, which skips widening a float16 store
-        to float32 (most of such a lookup's time) for callers that cast anyway, e.g. on the GPU.
+        to float32 for callers that cast anyway, e.g. on the GPU (half the bytes to copy there).
         """
-        table = self._layout()
         query = np.asarray(ids, dtype=np.int64)
-        out_dtype = np.dtype(dtype or self.dtype)
-        if table.ids.size == 0:
-            return np.zeros((*query.shape, self.dim), out_dtype), np.zeros(query.shape, bool)
-        pos, found = find_sorted(table.ids, query.reshape(-1))
-        out = np.take(table.vectors, pos, axis=0).astype(out_dtype, copy=False)
-        out[~found] = 0.0
+        table = self._layout()
+        out, found = take_rows(table.index, table.vectors, query.reshape(-1), np.dtype(dtype or self.dtype))
         return out.reshape(*query.shape, self.dim), found.reshape(query.shape)
 
     def texts(self, ids: np.ndarray | Sequence[int]) -> list[str | None]:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from bahe_ray.runtime import GB
 from bahe_ray.store import EmbeddingStore
-from bahe_ray.store.sorted_ids import find_sorted
+from bahe_ray.store.sorted_ids import IdIndex
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ class DeviceTable:
     """
 
     def __init__(self, store: EmbeddingStore, device: str | torch.device, dtype: torch.dtype) -> None:
-        self.ids = store.ids()
-        self.zero_row = len(self.ids)
+        self.index = IdIndex.build(store.ids())
+        self.zero_row = len(self.index.ids)
         self.vectors = torch.zeros(self.zero_row + 1, store.dim, dtype=dtype, device=device)
         for start in range(0, self.zero_row, CHUNK_ROWS):
-            chunk = store.lookup(self.ids[start : start + CHUNK_ROWS])
+            chunk = store.lookup(self.index.ids[start : start + CHUNK_ROWS])
             self.vectors[start : start + len(chunk)] = torch.from_numpy(chunk).to(device, dtype)
 
     @staticmethod
@@ -41,7 +41,7 @@ class DeviceTable:
 
     def locate(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, found mask) of `atoms` (1-D), on the host."""
-        return find_sorted(self.ids, atoms)
+        return self.index.find(atoms)
 
     def expand(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """BaheCTR's tensors from a row batch (`features.bahe_row_batch`): hist_rows, item_rows -> hist, item."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bahe_ray.config import MODEL_KINDS, Config, dump_config, load_config
 from bahe_ray.logs import ray_logs_note, setup_logging
-from bahe_ray.runtime import init_ray
+from bahe_ray.runtime import init_ray, use_serve_throughput_mode
 
 log = logging.getLogger("bahe")
 
@@ -146,6 +146,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    use_serve_throughput_mode()
     from bahe_ray.serve import serve_blocking
 
     init_ray(cfg)

@@ -87,10 +87,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One local Ray instance for the session (4 logical CPUs on 2 cores, dashboard off)."""
+    """One local Ray instance for the session (4 logical CPUs on 2 cores, dashboard off), Serve in the throughput
+    mode `bahe serve` starts it in."""
     import ray
 
+    from bahe_ray.runtime import use_serve_throughput_mode
+
     if not ray.is_initialized():
+        use_serve_throughput_mode()
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

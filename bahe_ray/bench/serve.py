@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from bahe_ray.config import Config
-from bahe_ray.runtime import environment, init_ray
+from bahe_ray.runtime import environment, init_ray, use_serve_throughput_mode
 from bahe_ray.store import EmbeddingStore
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -192,6 +192,7 @@ def bench_serve(
     if url:
         result["runs"] = runs(url, "as-deployed")
         return result
+    use_serve_throughput_mode()
     from bahe_ray.serve import running_scorer
 
     init_ray(cfg)

@@ -22,8 +22,14 @@ GB = 1e9
 
 # Ray Serve's throughput mode: HAProxy in place of the Python HTTP proxy actor, forwarding straight to the
 # Ingress replica's own HTTP server, and gRPC instead of actor calls between replicas (docs/serve.md, "2 CPU
-# cores"). Ray's processes read these when they start.
-SERVE_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# cores"). Ray's processes read these when they start. A stopping Ingress replica stays open for the
+# draining period so that load balancers can drop it: Serve's default (30 s) is for external ones and made
+# serve.shutdown time out with the controller still alive; HAProxy here is told at once by the controller.
+SERVE_THROUGHPUT_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 
 def use_serve_throughput_mode() -> None:

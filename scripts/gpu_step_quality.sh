@@ -12,20 +12,23 @@
 #   typing_inspection), and the code of the commit to measure: git archive HEAD bahe_ray configs | tar -x -C .device-carry/src
 # Then, on the GPU machine (carry [".device-carry"]):
 #   BUDGET=500 bash scripts/gpu_step_quality.sh      ($OUT: q17.log and bahe-seed{0,1,2}.json, the runs' metrics.json)
+#   KIND=token BUDGET=560 bash scripts/gpu_step_quality.sh   (the token level with the same step options, against
+#   results_gpu.md's 0.7397; it reads the atoms' texts from the store the encode step fills: $OUT/token-seed{0,1,2}.json)
 set -u
 : "${OUT:?set OUT to the folder for the results}"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-carry/whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=.device-carry/src:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 C=.device-carry/src/configs/ml100k_h200.yaml
 BAHE="python3 -m bahe_ray.cli"
+KIND=${KIND:-bahe}
 S=$SECONDS
 timeout 120 $BAHE encode --no-ray --config $C > "$OUT/q17.log" 2>&1; echo "encode rc $? $((SECONDS - S)) s"
 FAST="--set train.optimizer=fused --set train.compile=true --set train.cuda_graph=true --set train.device_table_gb=16"
 for s in 0 1 2; do
   left=$((${BUDGET:-500} - (SECONDS - S))); [ $left -le 20 ] && break
-  timeout $left $BAHE train --no-ray --config $C --set train.model_kind=bahe --set train.max_epochs=10 \
-    --set train.patience=1 --set train.seed=$s $FAST --set train.output_dir=outputs/q17/bahe-$s >> "$OUT/q17.log" 2>&1
+  timeout $left $BAHE train --no-ray --config $C --set train.model_kind=$KIND --set train.max_epochs=10 \
+    --set train.patience=1 --set train.seed=$s $FAST --set train.output_dir=outputs/q17/$KIND-$s >> "$OUT/q17.log" 2>&1
   echo "seed $s rc $? at $((SECONDS - S)) s"
-  cp outputs/q17/bahe-$s/*/metrics.json "$OUT/bahe-seed$s.json" 2>/dev/null
+  cp outputs/q17/$KIND-$s/*/metrics.json "$OUT/$KIND-seed$s.json" 2>/dev/null
 done
 nvidia-smi --query-gpu=name --format=csv,noheader

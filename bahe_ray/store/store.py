@@ -22,10 +22,10 @@ from bahe_ray.config import StorageConfig, StoreReaderConfig
 from bahe_ray.encoders.base import EncoderFingerprint, FingerprintMismatchError, ensure_compatible
 from bahe_ray.fs import filesystem, is_remote, join
 from bahe_ray.store.compact import merge_parts, plan_compaction
+from bahe_ray.store.maintenance import collect_garbage, verify_problems
 from bahe_ray.store.manifest import (
     MANIFEST_NAME,
     MANIFESTS_DIR,
-    PARTS_DIR,
     STORE_FILE,
     CommitConflictError,
     CommitResult,
@@ -48,9 +48,7 @@ from bahe_ray.store.parts import (
     create_exclusive,
     list_folder,
     load_part,
-    modified_time,
     parallel,
-    part_vectors,
     read_columns,
     read_json,
 )
@@ -287,59 +285,13 @@ class EmbeddingStore:
         """
         head = self._read_head()
         self._manifest = head
-        referenced = {p.name for p in head.parts} | self._recently_replaced_parts(min_age_s)
-        now = time.time()
-        removed = []
-        for folder, keep in (
-            (PARTS_DIR, lambda name: name in referenced),
-            (MANIFESTS_DIR, lambda name: MANIFEST_NAME.fullmatch(name) is not None),
-            ("", lambda name: ".tmp-" not in name),
-        ):
-            for entry in list_folder(self._fs, join(self._root, folder) if folder else self._root):
-                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-                if entry["type"] != "file" or keep(name) or now - modified_time(entry) < min_age_s:
-                    continue
-                self._fs.rm_file(entry["name"])
-                removed.append(entry["name"])
-        return removed
+        return collect_garbage(self._fs, self._root, head, min_age_s)
 
     def verify(self) -> VerifyReport:
         """Check every committed part: present, size and sha256 as recorded, readable, row
         counts and id ranges as recorded, ids unique within and across parts, vectors finite."""
         m = self._manifest
-        problems: list[str] = []
-        if m.total_atoms != sum(p.rows for p in m.parts):
-            problems.append(f"manifest v{m.version}: total_atoms {m.total_atoms} != sum of part rows")
-
-        def check(part: PartInfo) -> tuple[list[str], np.ndarray]:
-            try:
-                table = load_part(self._fs, self._root, part, self.dim, self.dtype)
-            except StoreCorruptError as e:
-                return [str(e)], np.empty(0, np.int64)
-            where = join(self._root, PARTS_DIR, part.name)
-            found = []
-            ids = table.column("atom_id").to_numpy()
-            if int(ids.min()) != part.min_id or int(ids.max()) != part.max_id:
-                found.append(f"{where}: id range differs from the manifest")
-            if np.unique(ids).size != ids.size:
-                found.append(f"{where}: repeated ids within the part")
-            if not np.isfinite(part_vectors(table, self.dim)).all():
-                found.append(f"{where}: non-finite vector values")
-            return found, ids
-
-        results = parallel(check, m.parts)
-        for found, _ in results:
-            problems += found
-        all_ids = np.concatenate([ids for _, ids in results]) if results else np.empty(0, np.int64)
-        owner = np.repeat(np.arange(len(results)), [ids.size for _, ids in results])
-        order = np.argsort(all_ids, kind="stable")
-        sorted_ids = all_ids[order]
-        dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-        if dup.size:
-            names = sorted({m.parts[owner[order[i]]].name for i in np.concatenate([dup, dup + 1])[:20]})
-            problems.append(
-                f"{dup.size} ids stored in more than one part, e.g. {sorted_ids[dup[:5]].tolist()} in {names}"
-            )
+        problems = verify_problems(self._fs, self._root, m, self.dim, self.dtype)
         return VerifyReport(self.path, m.version, len(m.parts), m.total_atoms, sum(p.bytes for p in m.parts), problems)
 
     # ---- reading vectors -----------------------------------------------------------------
@@ -395,23 +347,6 @@ class EmbeddingStore:
         if manifest.version != max(versions) or manifest.fingerprint_id != self.fingerprint_id:
             raise StoreCorruptError(f"{where}: version or fingerprint id does not match the store")
         return manifest
-
-    def _recently_replaced_parts(self, min_age_s: float) -> set[str]:
-        """Parts of versions superseded less than `min_age_s` ago: a reader may still open them."""
-        if min_age_s <= 0:
-            return set()
-        folder = join(self._root, MANIFESTS_DIR)
-        entries = {
-            int(match.group(1)): entry
-            for entry in list_folder(self._fs, folder)
-            if (match := MANIFEST_NAME.fullmatch(entry["name"].rsplit("/", 1)[-1]))
-        }
-        names: set[str] = set()
-        for version, entry in entries.items():
-            successor = entries.get(version + 1)
-            if successor is not None and time.time() - modified_time(successor) < min_age_s:
-                names |= {p.name for p in Manifest.from_json(self._fs.cat_file(entry["name"]), entry["name"]).parts}
-        return names
 
     def _ids_of(self, part: PartInfo) -> np.ndarray:
         if part.name not in self._part_ids:

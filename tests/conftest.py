@@ -88,14 +88,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One local Ray instance for the session (4 logical CPUs on 2 cores, dashboard off), Serve in the throughput
-    mode `bahe serve` starts it in."""
+    mode `bahe serve` starts it in; the variables are set for Ray's start only, so that the clusters other
+    tests start with `ray start` keep Serve's defaults."""
     import ray
 
-    from bahe_ray.runtime import use_serve_throughput_mode
+    from bahe_ray.runtime import SERVE_THROUGHPUT_ENV
 
     if not ray.is_initialized():
-        use_serve_throughput_mode()
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in SERVE_THROUGHPUT_ENV.items():
+                env.setenv(name, os.environ.get(name, value))
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -35,7 +35,9 @@ SERVE_THROUGHPUT_ENV = {
 def use_serve_throughput_mode() -> None:
     """Serve's throughput mode for the Ray instance this process starts (call before `init_ray` and before
     importing ray.serve); a variable already set wins, so `RAY_SERVE_ENABLE_HA_PROXY=0` turns HAProxy off.
-    A cluster that is joined has its own environment: set the variables there."""
+    In this process too, a deployment handle then routes on the caller's event loop: call one only from
+    async code (`bahe serve` and `bench serve` call none). A cluster that is joined has its own environment:
+    set the variables there."""
     for name, value in SERVE_THROUGHPUT_ENV.items():
         os.environ.setdefault(name, value)
 

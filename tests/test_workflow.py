@@ -61,6 +61,7 @@ def submit(env: dict[str, str], script: str, args: list[str]) -> None:
     assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
 
 
+@pytest.mark.timeout(1500)  # five job submissions and a deploy: past 900 s at load average 19 on 2 cores
 def test_job_submit_train_serve_deploy_and_daily_update(head: dict[str, str], tmp_path: Path) -> None:
     files = write_movielens_subset(tmp_path / "logs", USERS)
     out = tmp_path / "out"

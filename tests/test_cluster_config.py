@@ -185,6 +185,30 @@ def test_dashboard_on_localhost_and_token_auth(cluster: dict[str, Any]) -> None:
     assert cluster["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
 
 
+def _cluster_serve_env() -> dict[str, str]:
+    """Serve's throughput-mode variables a cluster's Ray starts with: those `bahe serve` sets locally, less the
+    short draining period meant for the local HAProxy (a cluster's load balancers keep Serve's default)."""
+    from bahe_ray.runtime import SERVE_THROUGHPUT_ENV
+
+    return {k: v for k, v in SERVE_THROUGHPUT_ENV.items() if k != "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"}
+
+
+def test_every_node_starts_ray_in_serve_throughput_mode(cluster: dict[str, Any],
+                                                        manifests: dict[str, dict[str, Any]]) -> None:
+    wanted = _cluster_serve_env()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cluster[key] if "ray start" in c]
+        words = shlex.split(start.split("ray start")[0].split("&&")[-1])
+        assert dict(w.split("=", 1) for w in words).items() >= wanted.items(), key
+    for name, doc in manifests.items():
+        spec = _cluster_spec(doc)
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for pod in pods:
+            for container in pod["spec"]["containers"]:
+                env = {e["name"]: e["value"] for e in container.get("env", [])}
+                assert env.items() >= wanted.items(), f"{name}: {container['name']}"
+
+
 # --------------------------------------------------------------------------------------------
 # k8s/*.yaml (KubeRay)
 

@@ -270,7 +270,10 @@ class ServeConfig(_Section):
     scorer_gpus: float = Field(1.0, gt=0, le=1)  # GPU share per Scorer replica, with use_gpu
     encoder_gpus: float = Field(0.0, ge=0, le=1)  # GPU share of the AtomEncoder, with use_gpu (0: CPU)
     replicas: int = Field(1, ge=1)  # Scorer replicas, unless autoscaling
-    ingress_replicas: int = Field(1, ge=1)  # HTTP Ingress replicas (validation and parsing run there)
+    # Where HTTP is parsed and validated: an Ingress deployment of its own (scaled apart, keeps that work off a GPU
+    # Scorer's process) or the Scorer replicas themselves (no handle hop per request: less CPU per request).
+    ingress: Literal["separate", "scorer"] = "separate"
+    ingress_replicas: int = Field(1, ge=1)  # Ingress replicas, with ingress: separate
     autoscaling: ServeAutoscaling | None = None
     max_ongoing_requests: int = Field(32, ge=1)  # per Scorer replica
     max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it 503 + Retry-After (-1: unbounded)

@@ -37,7 +37,7 @@ from bahe_ray.config import Config, load_config
 from bahe_ray.data import movielens
 from bahe_ray.encoders import build_encoder
 from bahe_ray.samples import hist_column, sample_schema
-from bahe_ray.serve import APP_NAME, AtomEncoder, load_scorer_state
+from bahe_ray.serve import APP_NAME, AtomEncoder, load_scorer_state, scorer_app
 from bahe_ray.serve.batch import Prepared, score_batch
 from bahe_ray.store import EmbeddingStore, FingerprintMismatchError
 from bahe_ray.train import evaluate_checkpoint
@@ -221,6 +221,32 @@ def test_scorer_past_the_shard_threshold_reads_shard_actors(ray_local: None, wor
         return np.concatenate([r.scores for r in score_batch(requests)])
 
     np.testing.assert_allclose(scores(sharded), scores(mapped), atol=1e-5, rtol=0)
+
+
+def test_scorer_serving_http_itself_answers_as_the_ingress_app(ray_local: None, url: str, client: httpx.Client,
+                                                               world: World) -> None:
+    """serve.ingress: scorer (no Ingress deployment, the Scorer replica parses HTTP): the same scores, the same
+    error bodies, the same model, beside the module's app under another route prefix."""
+    from ray import serve
+
+    cfg = load_config(PROFILE, [*world.overrides, "serve.ingress=scorer"])
+    serve.run(scorer_app(cfg), name="scorer-http", route_prefix="/in-scorer", blocking=False)
+    try:
+        with httpx.Client(base_url=f"{url}/in-scorer", timeout=60) as fused:
+            assert fused.get("/v1/model").json()["version"] == client.get("/v1/model").json()["version"]
+            for seed in range(3):
+                body = good_request(world, 10 + seed, candidates=5)
+                a, b = score(client, body), score(fused, body)
+                np.testing.assert_allclose([x["score"] for x in b["scores"]], [x["score"] for x in a["scores"]],
+                                           atol=1e-6, rtol=0)
+                assert b["timings"]["ingress_ms"] >= b["timings"]["scorer_ms"] > 0
+            bad = {**good_request(world), "candidates": [{"item_id": "x", "atom_id": "12"}]}
+            answers = [c.post("/v1/score", json=bad) for c in (client, fused)]
+            assert [r.status_code for r in answers] == [422, 422] and answers[0].json() == answers[1].json()
+        deployments = serve.status().applications["scorer-http"].deployments
+        assert set(deployments) == {"Scorer", "AtomEncoder"}
+    finally:
+        serve.delete("scorer-http")
 
 
 # ---- served == offline ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from ray.serve import Application
 
 from bahe_ray.config import Config, ServeConfig, load_config
 from bahe_ray.serve.http import Ingress
-from bahe_ray.serve.scorer import AtomEncoder, Scorer, ScorerConfig
+from bahe_ray.serve.scorer import AtomEncoder, HttpScorer, Scorer, ScorerConfig
 
 APP_NAME = "scorer"
 
@@ -38,7 +38,8 @@ def scorer_options(sc: ServeConfig) -> dict[str, Any]:
 
 
 def scorer_app(cfg: Config) -> Application:
-    """Ingress -> Scorer -> AtomEncoder for a profile.
+    """Ingress -> Scorer -> AtomEncoder for a profile, or Scorer (serving HTTP) -> AtomEncoder with
+    `serve.ingress: scorer`.
 
     The Scorer's user_config starts as {"checkpoint": cfg.serve.checkpoint}; a serve config
     that sets it (deployments: - name: Scorer, user_config: ...) rolls another one out. A serve
@@ -46,8 +47,10 @@ def scorer_app(cfg: Config) -> Application:
     """
     gpus = cfg.serve.encoder_gpus if cfg.serve.use_gpu else 0
     encoder = AtomEncoder.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": gpus}).bind(cfg)
-    scorer = Scorer.options(**scorer_options(cfg.serve))
-    return Ingress.options(num_replicas=cfg.serve.ingress_replicas).bind(scorer.bind(cfg, encoder), cfg.serve)
+    if cfg.serve.ingress == "scorer":
+        return HttpScorer.options(**scorer_options(cfg.serve)).bind(cfg, encoder)
+    scorer = Scorer.options(**scorer_options(cfg.serve)).bind(cfg, encoder)
+    return Ingress.options(num_replicas=cfg.serve.ingress_replicas).bind(scorer, cfg.serve)
 
 
 class AppArgs(BaseModel):

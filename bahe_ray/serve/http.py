@@ -2,8 +2,9 @@
 
 Validation, the ServeConfig limits (a body over the byte limit is refused before anything parses
 it) and one error shape (`ErrorBody`) for every 4xx/5xx, so a client always learns which field
-was wrong. Scoring happens on the Scorer, called through a handle and retried when its replica
-dies under the call (scoring is idempotent).
+was wrong. Scoring happens on the Scorer: called through a handle from the Ingress deployment (and
+retried when its replica dies under the call; scoring is idempotent), or in the same replica when the
+Scorer serves HTTP itself (`serve.ingress: scorer`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -144,7 +146,26 @@ async def call_with_retry(call: Callable[[], Awaitable[Any]]) -> Any:
     return await call()
 
 
-def make_api(scorer: DeploymentHandle, limits: ServeConfig) -> FastAPI:
+@dataclass(frozen=True)
+class ScorerCalls:
+    """What the routes call: the Scorer's `score` (plain data both ways), `info` and `stats`."""
+
+    score: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    info: Callable[[], Awaitable[ModelInfo]]
+    stats: Callable[[], Awaitable[dict[str, Any]]]
+
+    @classmethod
+    def through(cls, scorer: DeploymentHandle) -> ScorerCalls:
+        """Calls through a deployment handle, retried when the replica dies under them. Plain data both ways:
+        pydantic models cost several times more to pickle across the handle call."""
+        return cls(
+            score=lambda req: call_with_retry(lambda: scorer.score.remote(req)),
+            info=lambda: call_with_retry(lambda: scorer.info.remote()),
+            stats=lambda: call_with_retry(lambda: scorer.stats.remote()),
+        )
+
+
+def make_api(scorer: ScorerCalls, limits: ServeConfig) -> FastAPI:
     """The FastAPI app of the ingress: routes, body limit, error shapes (OpenAPI at /openapi.json, /docs)."""
     api = FastAPI(
         title="bahe-ray scorer",
@@ -173,25 +194,24 @@ def make_api(scorer: DeploymentHandle, limits: ServeConfig) -> FastAPI:
         """One score per candidate, in order, from the current checkpoint."""
         start = time.perf_counter()
         check_limits(body, limits)
-        # Plain data both ways: pydantic models cost several times more to pickle across the handle call.
-        response: dict[str, Any] = await call_with_retry(lambda: scorer.score.remote(body.model_dump()))
+        response = await scorer.score(body.model_dump())
         response["timings"]["ingress_ms"] = 1000 * (time.perf_counter() - start)
         return ScoreResponse.model_validate(response)
 
     @api.get("/v1/model", responses=errors)
     async def model() -> ModelInfo:
         """The checkpoint being served and the store it reads."""
-        return await call_with_retry(lambda: scorer.info.remote())
+        return await scorer.info()
 
     @api.get("/v1/stats", responses=errors)
     async def stats() -> dict[str, Any]:
         """One Scorer replica's state caches: sizes, hits, misses, the store version they hold."""
-        return await call_with_retry(lambda: scorer.stats.remote())
+        return await scorer.stats()
 
     @api.get("/healthz", responses=errors)
     async def healthz() -> dict[str, str]:
         """200 while a scorer replica answers with a loaded model."""
-        info: ModelInfo = await call_with_retry(lambda: scorer.info.remote())
+        info = await scorer.info()
         return {"status": "ok", "model_version": info.version}
 
     return api
@@ -207,10 +227,10 @@ def make_api(scorer: DeploymentHandle, limits: ServeConfig) -> FastAPI:
 )
 @serve.ingress()
 class Ingress:
-    """HTTP ingress: validation and limits here, scoring on the Scorer."""
+    """HTTP ingress: validation and limits here, scoring on the Scorer replicas (scaled apart from them)."""
 
     def __init__(self, scorer: DeploymentHandle, limits: ServeConfig) -> None:
         self.scorer, self.limits = scorer, limits
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return make_api(self.scorer, self.limits)
+        return make_api(ScorerCalls.through(self.scorer), self.limits)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.config import BackpressureConfig
@@ -32,7 +33,7 @@ from bahe_ray.encoders import build_encoder
 from bahe_ray.encoders.base import ensure_compatible
 from bahe_ray.serve.batch import Loaded, Prepared, Scored, score_batch, warm_item_states
 from bahe_ray.serve.cache import StateCaches
-from bahe_ray.serve.http import RETRY_AFTER_S
+from bahe_ray.serve.http import RETRY_AFTER_S, ScorerCalls, make_api
 from bahe_ray.serve.schema import ModelInfo, RequestError, ScoreTimings
 from bahe_ray.store import EmbeddingStore
 from bahe_ray.store.sharded import open_sharded
@@ -135,13 +136,7 @@ class AtomEncoder:
         return out
 
 
-@serve.deployment(
-    max_ongoing_requests=32,
-    max_queued_requests=64,
-    backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
-    ray_actor_options={"num_cpus": 1},
-)
-class Scorer:
+class ScorerReplica:
     """Scores requests with the checkpoint of its user_config, many requests per model call."""
 
     def __init__(self, cfg: Config, encoder: DeploymentHandle) -> None:
@@ -180,12 +175,12 @@ class Scorer:
         """Serve's periodic health check: unhealthy (restarted) without a loaded checkpoint."""
         self.current()
 
-    def info(self) -> ModelInfo:
+    async def info(self) -> ModelInfo:
         loaded = self.current()
         store = {"store_version": loaded.store.version, "store_atoms": loaded.store.num_atoms}
         return loaded.info.model_copy(update={"rollout_error": self.rollout_error, **store})
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """This replica's model version and state caches (sizes, hits, misses, store version, invalidations)."""
         loaded = self.current()
         return {"model_version": loaded.info.version, "device": loaded.device, **loaded.caches.stats()}
@@ -270,3 +265,22 @@ class Scorer:
     async def _score_batch(self, requests: list[Prepared]) -> list[Scored]:
         """One model call per checkpoint among the batched requests (one unless a rollout is under way)."""
         return await asyncio.to_thread(score_batch, requests)
+
+
+class ScorerWithHttp(ScorerReplica):
+    """A Scorer replica that serves the HTTP API itself (`serve.ingress: scorer`): no Ingress deployment and
+    no handle call per request, so less CPU per request where the scorer's cores are the limit."""
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(ScorerCalls(self.score, self.info, self.stats), self.cfg.serve)
+
+
+_SCORER_DEPLOYMENT: dict[str, Any] = {
+    "name": "Scorer",  # both kinds: a Serve config's `- name: Scorer` entry sets their options
+    "max_ongoing_requests": 32,
+    "max_queued_requests": 64,
+    "backpressure_config": BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    "ray_actor_options": {"num_cpus": 1},
+}
+Scorer = serve.deployment(**_SCORER_DEPLOYMENT)(ScorerReplica)
+HttpScorer = serve.deployment(**_SCORER_DEPLOYMENT)(serve.ingress()(ScorerWithHttp))

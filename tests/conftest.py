@@ -153,6 +153,12 @@ SLOW_TESTS: tuple[str, ...] = (
 )
 
 
+# Modules that start Ray clusters of their own (`ray start`, the fake autoscaling cluster) and submit jobs to
+# them. They run last, after the session's Ray is stopped (`own_cluster_only`): on 2 cores its idle processes
+# and leftover workers slowed those jobs past their waits in CI.
+OWN_CLUSTER_MODULES = (REPO / "tests" / "test_fake_cluster.py", REPO / "tests" / "test_workflow.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
@@ -161,6 +167,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 or item.get_closest_marker("gpu") is not None
                 or item.nodeid.endswith(SLOW_TESTS)):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.path in OWN_CLUSTER_MODULES)  # stable: file order otherwise kept
+
+
+@pytest.fixture(scope="module")
+def own_cluster_only() -> None:
+    """Stop the session's Ray (if a test started it) before a module that starts its own clusters; every test
+    that uses `ray_local` ran before (see OWN_CLUSTER_MODULES)."""
+    import ray
+
+    ray.shutdown()
 
 
 def write_movielens_subset(root: Path, users: int) -> dict[str, str]:

@@ -26,10 +26,11 @@ from bahe_ray.store import EmbeddingStore
 
 pytestmark = pytest.mark.slow
 IDLE_TIMEOUT_S = 15  # cluster/fake.yaml's idle_timeout_minutes (0.25)
+REPORT_POLL_WAIT_S = 6.0  # three of Ray Train's controller polls (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
+def cluster(own_cluster_only: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
     running = start_fake_cluster(tmp_path_factory.mktemp("fake-cluster"), IDLE_TIMEOUT_S)
     try:
         yield running
@@ -140,6 +141,9 @@ def test_train_job_resumes_from_its_checkpoint_after_a_lost_node(cluster: FakeCl
         # A node under a training worker dies once the first epoch's checkpoint is on S3.
         wait_until(lambda: fs.glob(f"{root}/*/epoch_*/checkpoint.json", refresh=True), 480, "epoch 1's checkpoint",
                    every=0.3)
+        # Ray Train's controller takes a report when it next polls the workers (every 2 s): a node lost before
+        # then loses the report, and the group starts over instead of resuming (tests/faults/test_fault_train.py).
+        time.sleep(REPORT_POLL_WAIT_S)
         workers = actors_on(cluster, "RayTrainWorker")
         assert len(workers) == 2, workers
         killed_at = time.time()

@@ -27,7 +27,7 @@ USERS = 5
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def head(own_cluster_only: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A Ray head on 127.0.0.1, started like a user would; stopped (only this one) afterwards."""
     # As a user with the venv activated: the jobs' `python` is this environment's interpreter.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -153,6 +153,12 @@ SLOW_TESTS: tuple[str, ...] = (
 )
 
 
+# Ray Train's controller takes a worker's report (and its checkpoint) when it next polls the workers, every
+# 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a worker that dies sooner loses that report. Tests that kill a
+# worker once a checkpoint exists wait this long first (three polls), as a real failure comes long after.
+REPORT_POLL_WAIT_S = 6.0
+
+
 # Modules that start Ray clusters of their own (`ray start`, the fake autoscaling cluster) and submit jobs to
 # them. They run last, after the session's Ray is stopped (`own_cluster_only`): on 2 cores its idle processes
 # and leftover workers slowed those jobs past their waits in CI.

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import REPO, S3Server, free_port
+from conftest import REPO, REPORT_POLL_WAIT_S, S3Server, free_port
 from fake_cluster import BIN, FakeCluster, start_fake_cluster, wait_until
 
 from bahe_ray.fs import filesystem
@@ -26,7 +26,6 @@ from bahe_ray.store import EmbeddingStore
 
 pytestmark = pytest.mark.slow
 IDLE_TIMEOUT_S = 15  # cluster/fake.yaml's idle_timeout_minutes (0.25)
-REPORT_POLL_WAIT_S = 6.0  # three of Ray Train's controller polls (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import torch
+from conftest import REPORT_POLL_WAIT_S
 from ray import cloudpickle
 
 import bahe_ray.train.ray_run
@@ -47,7 +48,6 @@ from bahe_ray.train import make_optimizer, train_ray
 
 KILL_EPOCH = 2
 KILL_BEFORE_STEP = 1  # 0-based: one of epoch 2's two steps is trained, then the process dies
-REPORT_POLL_WAIT_S = 6.0  # three of the controller's default poll intervals
 # Metrics that must agree between the interrupted and the uninterrupted run. The resumed epoch
 # starts from the same weights and AdamW state (safetensors, bit-exact), the same per-epoch seed
 # (dropout, shuffle) and the same rows, on the same CPU kernels, so they agree to float32
